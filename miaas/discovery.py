@@ -1,0 +1,116 @@
+"""Client side of the service registry: register with heartbeats, and find other services by name."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from miaas.client import ServiceClient
+from miaas.errors import MiaasError, RemoteError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class Discovery:
+    """Finds services through the service registry, caching each answer for a short time."""
+
+    def __init__(self, registry_url: str, token: str, *, cache_s: float = 2.0, timeout: float = 5.0) -> None:
+        self.client = ServiceClient(registry_url, token, timeout=timeout)
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, name: str) -> str:
+        """The URL of a live instance of `name`; 503 when none is registered."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(name)
+            if hit and now - hit[0] < self.cache_s:
+                return hit[1]
+        try:
+            info = self.client.get("/getServiceInfo", params={"name": name})
+        except RemoteError as exc:
+            if exc.status == 404:
+                raise Unavailable(f"no live instance of service '{name}' is registered") from exc
+            raise
+        url = str(info["url"])
+        with self._lock:
+            self._cache[name] = (now, url)
+        return url
+
+    def forget(self, name: str) -> None:
+        """Drop a cached answer, e.g. after the instance stopped answering."""
+        with self._lock:
+            self._cache.pop(name, None)
+
+
+class Registration:
+    """Keeps one instance registered: registers, renews with heartbeats, re-registers if forgotten."""
+
+    def __init__(
+        self,
+        registry_url: str,
+        token: str,
+        *,
+        name: str,
+        url: str,
+        metadata: dict[str, Any] | None = None,
+        instance_id: str | None = None,
+        interval_s: float = 5.0,
+    ) -> None:
+        self.client = ServiceClient(registry_url, token, timeout=5.0)
+        self.body: dict[str, Any] = {"name": name, "url": url, "metadata": metadata or {}}
+        if instance_id:
+            self.body["instance_id"] = instance_id
+        self.interval_s = interval_s
+        self.instance_id: str | None = instance_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"registration-{name}", daemon=True)
+
+    def register(self) -> None:
+        answer = self.client.post("/register", json=self.body)
+        self.instance_id = answer["instance_id"]
+        self.body["instance_id"] = self.instance_id
+
+    def start(self) -> None:
+        """Register now (retrying in the background if the registry is not up yet) and keep renewing."""
+        try:
+            self.register()
+        except MiaasError as exc:
+            log.warning("service registry not reachable yet (%s); retrying in the background", exc.message)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self.instance_id is None:
+                    self.register()
+                else:
+                    self.client.post("/heartbeat", json={"instance_id": self.instance_id})
+            except RemoteError as exc:
+                if exc.status == 404:
+                    log.info("service registry forgot %s; registering again", self.instance_id)
+                    self._try_register()
+                else:
+                    log.warning("heartbeat refused: %s", exc.message)
+            except MiaasError as exc:
+                log.warning("heartbeat failed: %s", exc.message)
+
+    def _try_register(self) -> None:
+        try:
+            self.register()
+        except MiaasError as exc:
+            log.warning("registration failed: %s", exc.message)
+
+    def stop(self) -> None:
+        """Stop renewing and remove the instance from the registry."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        if self.instance_id:
+            try:
+                self.client.delete(f"/register/{self.instance_id}", timeout=2)
+            except MiaasError as exc:
+                log.info("could not deregister %s: %s", self.instance_id, exc.message)

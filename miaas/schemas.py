@@ -1,0 +1,311 @@
+"""Wire schemas: every HTTP body and Kafka message, defined once and shared by all services.
+
+Changes are additive only. Every Kafka message carries `schema_version`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class Wire(BaseModel):
+    """Base of every wire schema: immutable, unknown fields ignored (additive evolution)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Request(BaseModel):
+    """Base of request bodies: unknown fields are refused so typos surface as a 400."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+class DeploymentStatus(str, enum.Enum):
+    """States of a deployment (DESIGN §2)."""
+
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    LOST = "lost"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (DeploymentStatus.STOPPED, DeploymentStatus.FAILED)
+
+
+# --------------------------------------------------------------------------- model package
+
+
+class Resources(Wire):
+    """What one deployment of a model needs."""
+
+    cpus: float = Field(1.0, gt=0, allow_inf_nan=False)
+    memory_mb: int = Field(512, gt=0)
+    gpus: int = Field(0, ge=0)
+
+
+class PackageMeta(Wire):
+    """meta.json of a model package: its commands, ports and resources."""
+
+    setup_commands: list[str] = Field(min_length=1)
+    start_commands: list[str] = Field(min_length=1)
+    description: str = ""
+    ports: dict[str, Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    health_path: str | None = None
+    artifacts: list[str] = Field(default_factory=lambda: ["model.pth"])
+
+    @field_validator("setup_commands", "start_commands")
+    @classmethod
+    def _commands_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not c.strip() for c in value):
+            raise ValueError("commands must be non-empty strings")
+        return value
+
+    @field_validator("health_path")
+    @classmethod
+    def _path_starts_with_slash(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("health_path must start with '/'")
+        return value
+
+
+# --------------------------------------------------------------------------- Kafka: system-metrics
+
+
+class GpuMetrics(Wire):
+    index: int = Field(ge=0)
+    name: str = ""
+    utilization_percent: Percent = 0.0
+    memory_used_mb: NonNegative = 0.0
+    memory_total_mb: NonNegative = 0.0
+
+
+class AgentCapacity(Wire):
+    cpus: float = Field(gt=0, allow_inf_nan=False)
+    memory_mb: NonNegative
+    disk_mb: NonNegative = 0.0
+    gpus: int = Field(0, ge=0)
+
+
+class AgentLoad(Wire):
+    cpu_percent: Percent
+    memory_percent: Percent
+    disk_percent: Percent = 0.0
+    gpus: list[GpuMetrics] = Field(default_factory=list)
+
+
+class DeploymentReport(Wire):
+    """One deployment as its agent sees it, carried in every metrics message."""
+
+    deployment_id: str
+    status: DeploymentStatus
+    url: str | None = None
+
+
+class AgentMetrics(Wire):
+    """Message on `system-metrics` (key: agent id): who the agent is, its capacity, its load, what it runs."""
+
+    schema_version: Literal[1] = 1
+    agent_id: str = Field(min_length=1, max_length=128)
+    url: str
+    runtimes: list[str] = Field(default_factory=lambda: ["process"])
+    capacity: AgentCapacity
+    load: AgentLoad
+    deployments: list[DeploymentReport] = Field(default_factory=list)
+    interval_s: float = Field(5.0, gt=0, allow_inf_nan=False)
+    sent_at: datetime
+
+
+# --------------------------------------------------------------------------- Kafka: deployment-events
+
+
+class DeploymentEvent(Wire):
+    """Message on `deployment-events` (key: deployment id): one state change of one deployment."""
+
+    schema_version: Literal[1] = 1
+    deployment_id: str
+    agent_id: str | None = None
+    status: DeploymentStatus
+    url: str | None = None
+    reason: str | None = None
+    source: str = Field(description="the service that made the change: agent or controller")
+    at: datetime
+
+
+# --------------------------------------------------------------------------- service registry
+
+
+class RegisterRequest(Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
+    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    instance_id: str | None = Field(
+        None, min_length=1, max_length=128, description="stable id to renew; generated when omitted"
+    )
+
+
+class HeartbeatRequest(Request):
+    instance_id: str = Field(min_length=1, max_length=128)
+
+
+class ServiceInstance(Wire):
+    instance_id: str
+    name: str
+    url: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    registered_at: datetime
+    last_heartbeat: datetime
+    expires_at: datetime
+
+
+class ServiceList(Wire):
+    services: dict[str, list[ServiceInstance]]
+
+
+class ServiceQuery(Request):
+    name: str = Field(min_length=1, max_length=64)
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+class ModelVersion(Wire):
+    model_id: str
+    name: str
+    version: int
+    path: str
+    meta: PackageMeta
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    created_by: str | None = None
+
+
+class ModelSummary(Wire):
+    model_id: str
+    name: str
+    latest_version: int
+    versions: list[int]
+    created_at: datetime
+
+
+class ModelList(Wire):
+    models: list[ModelSummary]
+
+
+class FetchModelQuery(Request):
+    model_id: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(None, ge=1, description="latest when omitted")
+
+
+class UploadResult(Wire):
+    model: ModelVersion
+    warnings: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- controller
+
+
+class DeployRequest(Request):
+    model_id: str = Field(min_length=1, max_length=128, description="model id or model name")
+    version: int | None = Field(None, ge=1, description="latest when omitted")
+
+
+class StopRequest(Request):
+    deployment_id: str = Field(min_length=1, max_length=64)
+
+
+class CandidateExplanation(Wire):
+    agent_id: str
+    score: float | None = None
+    rejected: str | None = None
+
+
+class Deployment(Wire):
+    deployment_id: str
+    model_id: str
+    model_name: str
+    version: int
+    status: DeploymentStatus
+    agent_id: str | None = None
+    url: str | None = None
+    reason: str | None = None
+    runtime: str = "process"
+    placement: list[CandidateExplanation] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeploymentList(Wire):
+    deployments: list[Deployment]
+
+
+class AgentView(Wire):
+    agent_id: str
+    url: str
+    state: Literal["alive", "suspect", "lost"]
+    last_seen: datetime
+    runtimes: list[str]
+    capacity: AgentCapacity
+    load: AgentLoad
+    score: float
+    deployments: list[DeploymentReport]
+
+
+class AgentList(Wire):
+    agents: list[AgentView]
+
+
+# --------------------------------------------------------------------------- agent
+
+
+class CreateVmRequest(Request):
+    deployment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    model_id: str
+    version: int = Field(ge=1)
+    runtime: str = "process"
+
+
+class StopVmRequest(Request):
+    deployment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class AgentDeployment(Wire):
+    deployment_id: str
+    model_id: str
+    version: int
+    runtime: str
+    status: DeploymentStatus
+    url: str | None = None
+    port: int | None = None
+    reason: str | None = None
+
+
+class HealthResponse(Wire):
+    status: Literal["ok"] = "ok"
+    service: str
+    version: str
+
+
+def finite(value: float) -> bool:
+    """True when value is a real number (not NaN or infinite)."""
+    return not (math.isnan(value) or math.isinf(value))

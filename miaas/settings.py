@@ -1,0 +1,45 @@
+"""Typed settings shared by every service; each service extends `ServiceSettings` with its own prefix."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that appear in docs and examples: never accepted as a real secret.
+_PLACEHOLDERS = {"change-me", "changeme", "secret", "password", "dev", "test", "token"}
+MIN_SECRET_LENGTH = 24
+
+
+def check_secret(value: SecretStr, name: str) -> SecretStr:
+    """Refuse empty, short or placeholder secrets, so no default can reach production."""
+    raw = value.get_secret_value()
+    if raw.strip().lower() in _PLACEHOLDERS or "change-me" in raw.lower():
+        raise ValueError(f"{name} is a placeholder; generate one (e.g. `openssl rand -hex 32`)")
+    if len(raw) < MIN_SECRET_LENGTH:
+        raise ValueError(f"{name} must be at least {MIN_SECRET_LENGTH} characters long")
+    return value
+
+
+def shared(env: str, default: object = ..., **kw: object) -> object:
+    """A field read from a cluster-wide MIAAS_* variable whatever the service's own prefix."""
+    return Field(default, validation_alias=AliasChoices(env.removeprefix("MIAAS_").lower(), env), **kw)  # type: ignore[call-overload, no-any-return]
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs: where it listens, the cluster token, the broker and the service registry."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+    public_url: str | None = Field(None, description="URL other services use to reach this one")
+    service_token: SecretStr = shared("MIAAS_SERVICE_TOKEN")  # type: ignore[assignment]
+    kafka_bootstrap: str = shared("MIAAS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")  # type: ignore[assignment]
+    service_registry_url: str | None = shared("MIAAS_SERVICE_REGISTRY_URL", None)  # type: ignore[assignment]
+    heartbeat_interval_s: float = shared("MIAAS_HEARTBEAT_INTERVAL_S", 5.0, gt=0)  # type: ignore[assignment]
+    log_level: str = shared("MIAAS_LOG_LEVEL", "INFO")  # type: ignore[assignment]
+
+    @field_validator("service_token")
+    @classmethod
+    def _token_is_real(cls, value: SecretStr) -> SecretStr:
+        return check_secret(value, "MIAAS_SERVICE_TOKEN")
