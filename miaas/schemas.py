@@ -6,7 +6,6 @@ Changes are additive only. Every Kafka message carries `schema_version`.
 from __future__ import annotations
 
 import enum
-import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -34,7 +33,7 @@ class Request(BaseModel):
 # --------------------------------------------------------------------------- deployments
 
 
-class DeploymentStatus(str, enum.Enum):
+class DeploymentStatus(enum.StrEnum):
     """States of a deployment (DESIGN §2)."""
 
     PENDING = "pending"
@@ -228,6 +227,11 @@ class UploadResult(Wire):
 class DeployRequest(Request):
     model_id: str = Field(min_length=1, max_length=128, description="model id or model name")
     version: int | None = Field(None, ge=1, description="latest when omitted")
+    runtime: str | None = Field(None, min_length=1, max_length=32, description="controller's default when omitted")
+
+
+class DeployQuery(Request):
+    wait: float = Field(0.0, ge=0, le=600, description="seconds to wait for running or failed")
 
 
 class StopRequest(Request):
@@ -305,7 +309,3 @@ class HealthResponse(Wire):
     service: str
     version: str
 
-
-def finite(value: float) -> bool:
-    """True when value is a real number (not NaN or infinite)."""
-    return not (math.isnan(value) or math.isinf(value))

@@ -120,7 +120,8 @@ def openapi_document(title: str, apis: Iterable[Api]) -> dict[str, Any]:
         schemas[model.__name__] = schema
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    error = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    error_schema = {"schema": {"$ref": "#/components/schemas/Error"}}
+    error = {"description": "error", "content": {"application/json": error_schema}}
     for api in apis:
         for op in api.operations:
             path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", op.rule)

@@ -19,6 +19,7 @@ def utcnow() -> datetime:
 
 def create_app(settings: ServiceRegistrySettings, clock: Callable[[], datetime] = utcnow) -> Flask:
     registry = Registry(ttl=timedelta(seconds=settings.ttl_s))
-    app = create_service_app("service-registry", settings.service_token.get_secret_value(), [build_api(registry, clock)])
+    token = settings.service_token.get_secret_value()
+    app = create_service_app("service-registry", token, [build_api(registry, clock)])
     app.extensions["registry"] = registry
     return app

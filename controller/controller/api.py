@@ -1,0 +1,55 @@
+"""HTTP routes of the controller (seed 002 names kept: /controller/deploy, /controller/stop)."""
+
+from __future__ import annotations
+
+from flask import Response, g
+
+from controller.service import Controller
+from miaas.schemas import (
+    AgentList,
+    Deployment,
+    DeploymentList,
+    DeploymentStatus,
+    DeployQuery,
+    DeployRequest,
+    Request,
+    StopRequest,
+)
+from miaas.web import Api
+
+
+class ListQuery(Request):
+    status: DeploymentStatus | None = None
+
+
+def build_api(controller: Controller) -> Api:
+    api = Api("controller")
+
+    @api.route("/controller/deploy", "POST", query=DeployQuery, body=DeployRequest, response=Deployment, status=202)
+    def deploy(query: DeployQuery, body: DeployRequest) -> Response:
+        """Place a model version on the least-loaded agent that fits; `?wait=` blocks until running or failed."""
+        d = controller.deploy(body, g.get("caller"), wait=query.wait)
+        code = 201 if d.status == DeploymentStatus.RUNNING else 202
+        return Response(d.model_dump_json(), status=code, mimetype="application/json")
+
+    @api.route("/controller/stop", "POST", body=StopRequest, response=Deployment)
+    def stop(body: StopRequest) -> Deployment:
+        """Stop a deployment; stopping a finished one is harmless."""
+        return controller.stop_deployment(body.deployment_id)
+
+    @api.route("/controller/deployments", query=ListQuery, response=DeploymentList)
+    def deployments(query: ListQuery) -> DeploymentList:
+        """Every deployment, newest first, optionally of one status."""
+        return DeploymentList(deployments=controller.store.list(query.status))
+
+    @api.route("/controller/deployments/<deployment_id>", response=Deployment)
+    def deployment(deployment_id: str) -> Deployment:
+        """One deployment with its placement explanation."""
+        return controller.store.get(deployment_id)
+
+    @api.route("/controller/agents", response=AgentList)
+    def agents() -> AgentList:
+        """Every agent seen on the metrics stream with its state, load and score."""
+        return controller.agents()
+
+    return api

@@ -1,0 +1,218 @@
+"""A whole local cluster as real processes: embedded broker, service registry, model registry, controller,
+agents and portal. Used by `miaas up` and by the end-to-end tests.
+
+Services are started by module name (`python -m controller`): this module never imports a service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from miaas.bus import ensure_topics
+
+DEFAULT_PORTS = {"broker": 9092, "service-registry": 8500, "model-registry": 8510, "controller": 8520, "frontend": 8080}
+AGENT_BASE_PORT = 8530
+
+
+@dataclass
+class Proc:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str | None
+    log: Path
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def pick_port(host: str, wanted: int) -> int:
+    """`wanted` when free, else any free port (0 always means any)."""
+    if wanted and port_is_free(host, wanted):
+        return wanted
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def load_or_create_secrets(path: Path) -> dict[str, str]:
+    """Secrets of this local cluster: taken from the environment, else generated once and kept in `path` (0600)."""
+    stored: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                stored[key.strip()] = value.strip()
+    wanted = {
+        "MIAAS_SERVICE_TOKEN": lambda: secrets.token_hex(32),
+        "FRONTEND_SECRET_KEY": lambda: secrets.token_hex(32),
+        "FRONTEND_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(12),
+    }
+    out = {}
+    for key, make in wanted.items():
+        out[key] = os.environ.get(key) or stored.get(key) or make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in out.items()))
+    return out
+
+
+@dataclass
+class LocalCluster:
+    """Starts and stops every process of a local cluster; `agents` gives extra environment per agent."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    agents: list[dict[str, str]] = field(default_factory=lambda: [{}, {}])
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[Proc] = field(default_factory=list)
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def token(self) -> str:
+        return self.secrets["MIAAS_SERVICE_TOKEN"]
+
+    @property
+    def admin_password(self) -> str:
+        return self.secrets["FRONTEND_ADMIN_PASSWORD"]
+
+    def url(self, name: str) -> str:
+        for p in self.processes:
+            if p.name == name and p.url:
+                return p.url
+        raise KeyError(name)
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        self.state_dir = self.state_dir.resolve()
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.secrets = load_or_create_secrets(self.state_dir / "secrets.env")
+        try:
+            self._start_all(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_all(self, timeout: float) -> None:
+        host, state = self.host, self.state_dir
+        ports = {name: pick_port(host, self.ports.get(name, 0)) for name in DEFAULT_PORTS}
+        bootstrap = f"{host}:{ports['broker']}"
+        registry_url = f"http://{host}:{ports['service-registry']}"
+        base = {
+            **os.environ,
+            **self.secrets,
+            "MIAAS_KAFKA_BOOTSTRAP": bootstrap,
+            "MIAAS_SERVICE_REGISTRY_URL": registry_url,
+            "MIAAS_HEARTBEAT_INTERVAL_S": "2",
+            "MODEL_STORE": str(state / "models"),
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
+        self._spawn("broker", ["-m", "embedded_broker", "--host", host, "--port", str(ports["broker"])], base, None)
+        self._wait_port(host, ports["broker"], "broker", timeout)
+        ensure_topics(bootstrap)
+        self._service("service-registry", "service_registry", "SERVICE_REGISTRY", ports, base, timeout)
+        self._service("model-registry", "model_registry", "MODEL_REGISTRY", ports, base, timeout,
+                      MODEL_REGISTRY_DATABASE_URL=f"sqlite:///{state / 'model-registry.db'}")
+        self._service("controller", "controller", "CONTROLLER", ports, base, timeout,
+                      CONTROLLER_DATABASE_URL=f"sqlite:///{state / 'controller.db'}")
+        for i, extra in enumerate(self.agents, start=1):
+            agent_id = f"agent-{i}"
+            port = pick_port(host, AGENT_BASE_PORT + i if self.ports.get("broker") else 0)
+            ports[agent_id] = port
+            self._service(agent_id, "agent", "AGENT", ports, base, timeout,
+                          AGENT_AGENT_ID=agent_id, AGENT_STATE_DIR=str(state / agent_id),
+                          AGENT_VENV_CACHE_DIR=str(state / "venvs"),
+                          AGENT_PORT_RANGE=f"{20000 + 1000 * i}-{20999 + 1000 * i}",
+                          AGENT_METRICS_INTERVAL_S="2", **extra)
+        self._service("frontend", "frontend", "FRONTEND", ports, base, timeout,
+                      FRONTEND_DATABASE_URL=f"sqlite:///{state / 'frontend.db'}")
+
+    def _service(self, name: str, module: str, prefix: str, ports: dict[str, int], base: dict[str, str],
+                 timeout: float, **env: str) -> None:
+        url = f"http://{self.host}:{ports[name]}"
+        full = {**base, f"{prefix}_HOST": self.host, f"{prefix}_PORT": str(ports[name]), **env}
+        self._spawn(name, ["-m", module], full, url)
+        self._wait_health(name, url, timeout)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], url: str | None) -> None:
+        log = self.state_dir / "logs" / f"{name}.log"
+        out = open(log, "ab")  # noqa: SIM115 - the child process owns it from here
+        proc = subprocess.Popen(
+            [sys.executable, *args], env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=self.state_dir,
+        )
+        out.close()
+        self.processes.append(Proc(name, proc, url, log))
+
+    def _check_alive(self, name: str) -> None:
+        for p in self.processes:
+            if p.name == name and p.process.poll() is not None:
+                tail = "\n".join(p.log.read_text(errors="replace").splitlines()[-20:])
+                raise RuntimeError(f"{name} exited with code {p.process.returncode}; last log lines:\n{tail}")
+
+    def _wait_port(self, host: str, port: int, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(name)
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not listen on {host}:{port} within {timeout:.0f}s") from None
+                time.sleep(0.1)
+
+    def _wait_health(self, name: str, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive(name)
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not answer {url}/health within {timeout:.0f}s")
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop every process, newest first: SIGTERM to its process group, SIGKILL after `grace` seconds."""
+        for p in reversed(self.processes):
+            _terminate(p.process, grace)
+        self.processes.clear()
+
+    def dead(self) -> list[Proc]:
+        return [p for p in self.processes if p.process.poll() is not None]
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever the service left in its group goes too
+    proc.wait()
