@@ -14,7 +14,7 @@ from miaas.package import PackError, pack_model
 def cmd_up(args: argparse.Namespace) -> int:
     from miaas.cluster import LocalCluster
 
-    agents = [{} for _ in range(args.agents)]
+    agents: list[dict[str, str]] = [{} for _ in range(args.agents)]
     cluster = LocalCluster(state_dir=Path(args.state_dir), host=args.host, agents=agents)
     stopping = False
 

@@ -84,6 +84,7 @@ class LocalCluster:
     agents: list[dict[str, str]] = field(default_factory=lambda: [{}, {}])
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     extra_env: dict[str, str] = field(default_factory=dict)
+    bootstrap: str | None = None  # an existing broker to use instead of starting the embedded one
     processes: list[Proc] = field(default_factory=list)
     secrets: dict[str, str] = field(default_factory=dict)
 
@@ -115,7 +116,7 @@ class LocalCluster:
     def _start_all(self, timeout: float) -> None:
         host, state = self.host, self.state_dir
         ports = {name: pick_port(host, self.ports.get(name, 0)) for name in DEFAULT_PORTS}
-        bootstrap = f"{host}:{ports['broker']}"
+        bootstrap = self.bootstrap or f"{host}:{ports['broker']}"
         registry_url = f"http://{host}:{ports['service-registry']}"
         base = {
             **os.environ,
@@ -127,8 +128,9 @@ class LocalCluster:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
-        self._spawn("broker", ["-m", "embedded_broker", "--host", host, "--port", str(ports["broker"])], base, None)
-        self._wait_port(host, ports["broker"], "broker", timeout)
+        if self.bootstrap is None:
+            self._spawn("broker", ["-m", "embedded_broker", "--host", host, "--port", str(ports["broker"])], base, None)
+            self._wait_port(host, ports["broker"], "broker", timeout)
         ensure_topics(bootstrap)
         self._service("service-registry", "service_registry", "SERVICE_REGISTRY", ports, base, timeout)
         self._service("model-registry", "model_registry", "MODEL_REGISTRY", ports, base, timeout,
@@ -137,7 +139,7 @@ class LocalCluster:
                       CONTROLLER_DATABASE_URL=f"sqlite:///{state / 'controller.db'}")
         for i, extra in enumerate(self.agents, start=1):
             agent_id = f"agent-{i}"
-            port = pick_port(host, AGENT_BASE_PORT + i if self.ports.get("broker") else 0)
+            port = pick_port(host, AGENT_BASE_PORT + i if self.ports.get("controller") else 0)
             ports[agent_id] = port
             self._service(agent_id, "agent", "AGENT", ports, base, timeout,
                           AGENT_AGENT_ID=agent_id, AGENT_STATE_DIR=str(state / agent_id),

@@ -27,7 +27,7 @@ class Server:
             max_request_body_size=1 << 40, clear_untrusted_proxy_headers=True,
         )
         self.host = host
-        self.port: int = int(self._server.effective_port)
+        self.port: int = int(self._server.effective_port)  # type: ignore[union-attr]
         self._thread: threading.Thread | None = None
 
     @property

@@ -40,7 +40,7 @@ def build_api(controller: Controller) -> Api:
     @api.route("/controller/deployments", query=ListQuery, response=DeploymentList)
     def deployments(query: ListQuery) -> DeploymentList:
         """Every deployment, newest first, optionally of one status."""
-        return DeploymentList(deployments=controller.store.list(query.status))
+        return DeploymentList(deployments=controller.store.all(query.status))
 
     @api.route("/controller/deployments/<deployment_id>", response=Deployment)
     def deployment(deployment_id: str) -> Deployment:

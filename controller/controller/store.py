@@ -103,7 +103,7 @@ class DeploymentStore:
                 raise NotFound(f"deployment '{deployment_id}' not found")
             return row.to_wire()
 
-    def list(self, status: DeploymentStatus | None = None) -> list[Deployment]:
+    def all(self, status: DeploymentStatus | None = None) -> list[Deployment]:
         with self._session() as s:
             q = select(DeploymentRow).order_by(DeploymentRow.created_at.desc())
             if status is not None:
