@@ -47,13 +47,17 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 - handed to the child
+        try:
+            self.process = subprocess.Popen(
+                [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=out or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if out is not None:
+                out.close()
         deadline = time.monotonic() + timeout
         while not _port_open(self.host, self.port):
             if self.process.poll() is not None:

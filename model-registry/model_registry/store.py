@@ -1,0 +1,219 @@
+"""The registry's database: models and their versions. The only module that touches it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from miaas.errors import Conflict
+from miaas.schemas import PackageMeta
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use an aware UTC datetime")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_versions_model_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(256), doc="relative to the model store root")
+    sha256: Mapped[str] = mapped_column(String(64), doc="of the zip as uploaded")
+    size_bytes: Mapped[int] = mapped_column(BigInteger, doc="of the zip as uploaded")
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    meta_json: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    model_id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    model_id: str
+    name: str
+    version: int
+    path: str
+    sha256: str
+    size_bytes: int
+    manifest_sha256: str
+    meta: PackageMeta
+    created_by: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelVersions:
+    """A model with the numbers of its versions, oldest first."""
+
+    model: ModelRecord
+    versions: list[int]
+
+
+class Store:
+    """Models and versions in a SQL database; no connection is made until a method needs one."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        kw: dict[str, Any] = {}
+        if self.url.get_backend_name() == "sqlite":
+            kw["connect_args"] = {"check_same_thread": False}
+            if self.url.database in (None, "", ":memory:"):
+                kw["poolclass"] = StaticPool
+        self.engine: Engine = create_engine(self.url, **kw)
+        if self.url.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        """Create missing tables (migrations come with Alembic later)."""
+        if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
+            Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ models
+
+    def find_model(self, ref: str) -> ModelRecord | None:
+        """The model whose id is `ref`, else the one whose name is `ref`."""
+        with self._sessions() as s:
+            row = s.get(ModelRow, ref) or s.scalars(select(ModelRow).where(ModelRow.name == ref)).first()
+            return _model(row) if row is not None else None
+
+    def find_model_by_name(self, name: str) -> ModelRecord | None:
+        with self._sessions() as s:
+            row = s.scalars(select(ModelRow).where(ModelRow.name == name)).first()
+            return _model(row) if row is not None else None
+
+    def models(self) -> list[ModelVersions]:
+        """Every model with its version numbers, by name."""
+        with self._sessions() as s:
+            numbers: dict[str, list[int]] = {}
+            for model_id, version in s.execute(
+                select(VersionRow.model_id, VersionRow.version).order_by(VersionRow.model_id, VersionRow.version)
+            ):
+                numbers.setdefault(model_id, []).append(version)
+            rows = s.scalars(select(ModelRow).order_by(ModelRow.name)).all()
+            return [ModelVersions(_model(r), numbers.get(r.id, [])) for r in rows]
+
+    # ------------------------------------------------------------------ versions
+
+    def latest_version(self, model_id: str) -> int:
+        """The highest version number of a model, 0 when it has none."""
+        with self._sessions() as s:
+            return int(s.scalar(select(func.max(VersionRow.version)).where(VersionRow.model_id == model_id)) or 0)
+
+    def get_version(self, model_id: str, version: int | None = None) -> VersionRecord | None:
+        """One version of a model; the latest when `version` is None."""
+        with self._sessions() as s:
+            query = select(VersionRow, ModelRow.name).join(ModelRow).where(VersionRow.model_id == model_id)
+            if version is None:
+                query = query.order_by(VersionRow.version.desc()).limit(1)
+            else:
+                query = query.where(VersionRow.version == version)
+            found = s.execute(query).first()
+            return _version(found[0], found[1]) if found is not None else None
+
+    def versions(self, model_id: str) -> list[VersionRecord]:
+        with self._sessions() as s:
+            query = (
+                select(VersionRow, ModelRow.name).join(ModelRow)
+                .where(VersionRow.model_id == model_id).order_by(VersionRow.version)
+            )
+            return [_version(row, name) for row, name in s.execute(query)]
+
+    def add_version(self, record: VersionRecord, *, new_model: bool) -> VersionRecord:
+        """Record a version (and its model, when new) in one transaction; a clash is a 409."""
+        row = VersionRow(
+            model_id=record.model_id, version=record.version, path=record.path, sha256=record.sha256,
+            size_bytes=record.size_bytes, manifest_sha256=record.manifest_sha256,
+            meta_json=record.meta.model_dump_json(), created_by=record.created_by, created_at=record.created_at,
+        )
+        try:
+            with self._sessions() as s, s.begin():
+                if new_model:
+                    s.add(ModelRow(id=record.model_id, name=record.name, created_at=record.created_at))
+                    s.flush()
+                s.add(row)
+        except IntegrityError as exc:
+            raise Conflict(
+                f"version {record.version} of model '{record.name}' was created at the same time elsewhere; retry"
+            ) from exc
+        return record
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def _model(row: ModelRow) -> ModelRecord:
+    return ModelRecord(model_id=row.id, name=row.name, created_at=row.created_at)
+
+
+def _version(row: VersionRow, name: str) -> VersionRecord:
+    return VersionRecord(
+        model_id=row.model_id, name=name, version=row.version, path=row.path, sha256=row.sha256,
+        size_bytes=row.size_bytes, manifest_sha256=row.manifest_sha256,
+        meta=PackageMeta.model_validate_json(row.meta_json), created_by=row.created_by, created_at=row.created_at,
+    )

@@ -1,0 +1,148 @@
+"""Receiving an upload: each multipart file is spooled to a private temp file as it arrives, counted and hashed.
+
+Flask's form parser asks the request class for a stream per uploaded file; `SpoolingRequest` hands it a
+`SpooledFile` in the model store's `.tmp` (same filesystem as the versions, so publishing is a rename). The file is
+never held in memory, a file over the cap stops the parse with a 413, and every spooled file is removed when the
+request ends unless it was published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import IO, cast
+
+from flask import Flask, Request, current_app, request
+
+from miaas.errors import BadRequest, PayloadTooLarge
+from model_registry.registry import ReceivedZip
+from model_registry.storage import ModelStorage, remove
+
+SPOOL = "model_registry.spool"
+FORM_OVERHEAD = 1 << 20  # multipart boundaries, part headers and the small fields around the zip
+
+
+class SpooledFile:
+    """A file being received: written straight to disk, counted against the cap and hashed on the way."""
+
+    def __init__(self, path: Path, file: IO[bytes], max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size_bytes = 0
+        self.published = False
+        self._file = file
+        self._sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.size_bytes += len(data)
+        if self.size_bytes > self.max_bytes:
+            raise too_large(self.max_bytes)
+        self._sha256.update(data)
+        return self._file.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._file.readline(size)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        self._file.close()
+
+    def received(self) -> ReceivedZip:
+        """The complete upload, closed."""
+        self.close()
+        return ReceivedZip(self.path, self.size_bytes, self._sha256.hexdigest())
+
+    def discard(self) -> None:
+        """Close, and remove the file unless it was published."""
+        self.close()
+        if not self.published:
+            remove(self.path)
+
+
+class Spool:
+    """Where a request's files go: the store's temp folder, at most `max_bytes` each."""
+
+    def __init__(self, storage: ModelStorage, max_bytes: int) -> None:
+        self.storage = storage
+        self.max_bytes = max_bytes
+
+    def open(self) -> SpooledFile:
+        path, file = self.storage.spool()
+        return SpooledFile(path, file, self.max_bytes)
+
+
+class SpoolingRequest(Request):
+    """A Flask request whose uploaded files are spooled by the app's `Spool`."""
+
+    @property
+    def spooled_files(self) -> list[SpooledFile]:
+        return cast(list[SpooledFile], self.__dict__.setdefault("_spooled_files", []))
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        spooled = cast(Spool, current_app.extensions[SPOOL]).open()
+        self.spooled_files.append(spooled)
+        return cast(IO[bytes], spooled)
+
+
+def install_spool(app: Flask, spool: Spool) -> None:
+    """Spool this app's uploads with `spool`, and remove what a request spooled when it ends."""
+    app.request_class = SpoolingRequest
+    app.extensions[SPOOL] = spool
+
+    @app.teardown_request
+    def _discard_spooled(_exc: BaseException | None) -> None:
+        for spooled in getattr(request, "spooled_files", []):
+            spooled.discard()
+
+
+def receive_upload(max_bytes: int) -> tuple[str, SpooledFile]:
+    """The model name and the spooled zip of this multipart request; 400 or 413 otherwise."""
+    if request.mimetype != "multipart/form-data":
+        raise BadRequest("send multipart/form-data with a 'model_name' field and the zip as a 'file' field",
+                         code="invalid_upload")
+    if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
+        raise too_large(max_bytes)
+    upload = request.files.get("file")  # parses the body, spooling each file as it arrives
+    names = {v.strip() for key in ("model_name", "name") for v in request.form.getlist(key)}
+    if not names or names == {""}:
+        raise BadRequest("model_name is required", code="invalid_upload")
+    if len(names) > 1:
+        raise BadRequest(f"model_name and name disagree: {sorted(names)}", code="invalid_upload")
+    if upload is None or not isinstance(upload.stream, SpooledFile):
+        raise BadRequest("file is required: the model zip as a multipart file field named 'file'",
+                         code="invalid_upload")
+    return names.pop(), upload.stream
+
+
+def too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the upload is over the limit of {max_bytes} bytes", details={"max_bytes": max_bytes})

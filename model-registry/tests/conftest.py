@@ -1,0 +1,83 @@
+"""Fixtures of the model registry tests: settings on a temp store, the app with a memory bus, packages as zips."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from miaas.bus import MemoryBus
+from model_registry.app import create_app
+from model_registry.settings import ModelRegistrySettings
+from model_registry.testing import Files, Upload, authenticated, make_zip, registry
+
+
+@pytest.fixture
+def settings(service_token: str, workdir: Path) -> ModelRegistrySettings:
+    return ModelRegistrySettings(
+        service_token=service_token, model_store=workdir / "models", database_url=f"sqlite:///{workdir / 'registry.db'}"
+    )
+
+
+@pytest.fixture
+def bus() -> MemoryBus:
+    return MemoryBus()
+
+
+@pytest.fixture
+def make_app(settings: ModelRegistrySettings, bus: MemoryBus) -> Iterator[Callable[..., Flask]]:
+    """Build apps on the test's store; `make_app(max_upload_bytes=...)` changes settings. All are closed after."""
+    apps: list[Flask] = []
+
+    def build(**overrides: Any) -> Flask:
+        app = create_app(settings.model_copy(update=overrides), bus)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        registry(app).store.close()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask, service_token: str) -> FlaskClient:
+    return authenticated(app, service_token)
+
+
+@pytest.fixture
+def upload(client: FlaskClient) -> Upload:
+    """POST a zip (bytes, or files to zip) as model `name` through the test client."""
+
+    def send(package: bytes | Files, name: str = "iris", user: str | None = None) -> TestResponse:
+        data = package if isinstance(package, bytes) else make_zip(package)
+        headers = {"X-MIaaS-User": user} if user else {}
+        return client.post(
+            "/registry/upload-and-validate", headers=headers,
+            data={"model_name": name, "file": (io.BytesIO(data), "model.zip", "application/zip")},
+        )
+
+    return send
+
+
+@pytest.fixture
+def nothing_stored(settings: ModelRegistrySettings, client: FlaskClient) -> Callable[[], None]:
+    """Then: no version folder, no zip, no database row, and `.tmp` empty."""
+
+    def check() -> None:
+        root = settings.model_store
+        assert sorted(p.name for p in root.iterdir()) == [".tmp"]
+        assert list((root / ".tmp").iterdir()) == []
+        assert client.get("/registry/models").json == {"models": []}
+
+    return check
