@@ -16,6 +16,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     agents: list[dict[str, str]] = [{} for _ in range(args.agents)]
     cluster = LocalCluster(state_dir=Path(args.state_dir), host=args.host, agents=agents)
+    if args.free_ports:
+        cluster.ports = {name: 0 for name in cluster.ports}
     stopping = False
 
     def _stop(signum: int, _frame: object) -> None:
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--state-dir", default=".miaas", help="databases, model store, logs, secrets")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--agents", type=int, default=2)
+    up.add_argument("--free-ports", action="store_true", help="any free ports instead of 8080, 8500, 8510, ...")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds each service has to become healthy")
     up.set_defaults(func=cmd_up)
     pack = sub.add_parser("pack", help="zip a model folder into an uploadable package")

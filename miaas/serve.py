@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -46,7 +47,11 @@ class Server:
         return self
 
     def close(self) -> None:
+        """Stop listening, close open (keep-alive) connections, and let the serving thread end."""
         self._server.close()
+        for channel in list(self._server._map.values()):
+            with contextlib.suppress(OSError):
+                channel.close()
         self._server.task_dispatcher.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -28,7 +28,7 @@ def shared(env: str, default: object = ..., **kw: object) -> object:
 class ServiceSettings(BaseSettings):
     """What every service needs: where it listens, the cluster token, the broker and the service registry."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")

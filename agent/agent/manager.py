@@ -1,0 +1,316 @@
+"""The deployments of this agent: their state machine, their ports, their runtimes, and the events they publish.
+
+Every state change is published on `deployment-events` (key: deployment id) in the order it happens.
+Commands are idempotent by deployment id: a repeated create returns the deployment already held, a repeated
+stop the stopped one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import Field
+
+from agent.errors import AgentError, ProvisionCancelled, ProvisionFailed
+from agent.fetch import FetchModel
+from agent.ports import PortAllocator
+from agent.runtimes.base import DeploymentSpec, Runtime
+from agent.verify import verify_version
+from miaas.bus import DEPLOYMENT_EVENTS, EventBus
+from miaas.errors import BadRequest, Conflict, NotFound
+from miaas.schemas import AgentDeployment, CreateVmRequest, DeploymentEvent, DeploymentReport, DeploymentStatus, Wire
+
+log = logging.getLogger(__name__)
+S = DeploymentStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class AgentDeploymentDetail(AgentDeployment):
+    """AgentDeployment plus the host port of each named port of meta.json."""
+
+    ports: dict[str, int] = Field(default_factory=dict)
+
+
+class AgentDeploymentList(Wire):
+    deployments: list[AgentDeploymentDetail]
+
+
+@dataclass
+class _Record:
+    deployment_id: str
+    model_id: str
+    version: int
+    runtime: str
+    url: str
+    port: int
+    ports: dict[str, int]
+    status: DeploymentStatus = S.PROVISIONING
+    reason: str | None = None
+    thread: threading.Thread | None = None
+    settled: threading.Event = field(default_factory=threading.Event)
+    finished_at: float | None = None
+
+    def view(self) -> AgentDeploymentDetail:
+        return AgentDeploymentDetail(
+            deployment_id=self.deployment_id, model_id=self.model_id, version=self.version, runtime=self.runtime,
+            status=self.status, url=self.url, port=self.port, reason=self.reason, ports=self.ports,
+        )
+
+
+def model_url(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return f"http://{host}:{port}"
+
+
+class DeploymentManager:
+    """Holds this agent's deployments by id. Thread-safe."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        runtimes: Mapping[str, Runtime],
+        fetch_model: FetchModel,
+        bus: EventBus,
+        ports: PortAllocator,
+        state_dir: Path,
+        advertise_host: str,
+        clock: Callable[[], datetime] = utcnow,
+        stop_timeout_s: float = 60.0,
+        keep_finished: int = 200,
+    ) -> None:
+        self.agent_id = agent_id
+        self.runtimes = dict(runtimes)
+        self.fetch_model = fetch_model
+        self.bus = bus
+        self.ports = ports
+        self.state_dir = state_dir
+        self.advertise_host = advertise_host
+        self.clock = clock
+        self.stop_timeout_s = stop_timeout_s
+        self.keep_finished = keep_finished
+        self._records: dict[str, _Record] = {}
+        self._creating: dict[str, threading.Lock] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ commands
+
+    def create(self, req: CreateVmRequest) -> AgentDeploymentDetail:
+        """Take a deployment: answer at once with `provisioning` and its URL, provision in the background."""
+        runtime = self.runtimes.get(req.runtime)
+        if runtime is None:
+            raise BadRequest(
+                f"runtime '{req.runtime}' is not offered by agent {self.agent_id} (it offers {sorted(self.runtimes)})",
+                code="unknown_runtime",
+            )
+        with self._lock:
+            known = self._records.get(req.deployment_id)
+            if known is not None:
+                return self._same(known, req)
+            gate = self._creating.setdefault(req.deployment_id, threading.Lock())
+        with gate:  # one create per id at a time; a concurrent twin waits and gets the first one's answer
+            try:
+                with self._lock:
+                    known = self._records.get(req.deployment_id)
+                    if known is not None:
+                        return self._same(known, req)
+                return self._admit(req, runtime)
+            finally:
+                with self._lock:
+                    self._creating.pop(req.deployment_id, None)
+
+    def stop(self, deployment_id: str) -> AgentDeploymentDetail:
+        """Stop a deployment and free its ports; answers when it is stopped. Stopping twice is harmless."""
+        with self._lock:
+            record = self._find(deployment_id)
+            if record.status is S.STOPPED:
+                return record.view()
+            if record.status is S.STOPPING:
+                waiting = True
+            else:
+                waiting = False
+                if record.status is S.FAILED:  # nothing runs any more: only the record changes
+                    self._transition(record, S.STOPPED, record.reason)
+                    record.settled.set()
+                    return record.view()
+                self._transition(record, S.STOPPING)
+        if waiting:
+            record.settled.wait(self.stop_timeout_s)
+            return record.view()
+        try:
+            self.runtimes[record.runtime].stop(deployment_id)
+            if record.thread is not None and record.thread is not threading.current_thread():
+                record.thread.join(self.stop_timeout_s)
+        except Exception as exc:
+            log.exception("stopping %s failed", deployment_id)
+            with self._lock:
+                self._transition(record, S.FAILED, f"stopping failed: {exc.__class__.__name__}: {exc}")
+                record.settled.set()
+            raise AgentError(f"stopping deployment {deployment_id} failed: {exc}") from exc
+        self.ports.release(deployment_id)
+        with self._lock:
+            self._transition(record, S.STOPPED)
+            record.settled.set()
+            return record.view()
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, deployment_id: str) -> AgentDeploymentDetail:
+        self.refresh()
+        with self._lock:
+            return self._find(deployment_id).view()
+
+    def all(self) -> list[AgentDeploymentDetail]:
+        self.refresh()
+        with self._lock:
+            return [r.view() for r in self._records.values()]
+
+    def logs(self, deployment_id: str, tail: int) -> list[str]:
+        with self._lock:
+            record = self._find(deployment_id)
+        return self.runtimes[record.runtime].logs(deployment_id, tail)
+
+    def reports(self) -> list[DeploymentReport]:
+        """Every deployment held, as carried in the metrics message (after checking the running ones)."""
+        self.refresh()
+        with self._lock:
+            return [DeploymentReport(deployment_id=r.deployment_id, status=r.status, url=r.url)
+                    for r in self._records.values()]
+
+    def refresh(self) -> None:
+        """Mark failed the running deployments whose model died by itself, and clean up after them."""
+        with self._lock:
+            running = [r for r in self._records.values() if r.status is S.RUNNING]
+        for record in running:
+            runtime = self.runtimes[record.runtime]
+            state = runtime.status(record.deployment_id)
+            if state.status is not S.FAILED:
+                continue
+            with self._lock:
+                if record.status is not S.RUNNING:
+                    continue
+                self._transition(record, S.FAILED, state.reason or "the model stopped by itself")
+            runtime.stop(record.deployment_id)
+            self.ports.release(record.deployment_id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def shutdown(self, *, stop_deployments: bool = True) -> None:
+        """On agent exit: stop every live deployment (in parallel, publishing events), then flush the bus."""
+        if stop_deployments:
+            with self._lock:
+                live = [r.deployment_id for r in self._records.values() if not r.status.is_terminal]
+            stoppers = [threading.Thread(target=self._stop_quietly, args=(i,), name=f"stop-{i}") for i in live]
+            for thread in stoppers:
+                thread.start()
+            for thread in stoppers:
+                thread.join(self.stop_timeout_s)
+        self.bus.flush()
+
+    # ------------------------------------------------------------------ internals
+
+    def _admit(self, req: CreateVmRequest, runtime: Runtime) -> AgentDeploymentDetail:
+        source = self.fetch_model(req.model_id, req.version)
+        names = list(source.meta.ports)
+        ports = self.ports.allocate(req.deployment_id, max(1, len(names)))
+        record = _Record(
+            deployment_id=req.deployment_id, model_id=req.model_id, version=req.version, runtime=req.runtime,
+            url=model_url(self.advertise_host, ports[0]), port=ports[0], ports=dict(zip(names, ports, strict=False)),
+        )
+        spec = DeploymentSpec(
+            deployment_id=req.deployment_id, model_id=req.model_id, version=req.version, model_path=source.path,
+            meta=source.meta, port=ports[0], workdir=self.state_dir / req.deployment_id, ports=record.ports,
+        )
+        record.thread = threading.Thread(
+            target=self._provision, args=(record, runtime, spec, source.manifest_sha256),
+            name=f"provision-{req.deployment_id}", daemon=True,
+        )
+        with self._lock:
+            self._records[req.deployment_id] = record
+            self._transition(record, S.PROVISIONING)
+            view = record.view()
+        record.thread.start()
+        return view
+
+    def _provision(
+        self, record: _Record, runtime: Runtime, spec: DeploymentSpec, manifest_sha256: str | None
+    ) -> None:
+        try:
+            if not verify_version(spec.model_path, manifest_sha256):
+                log.info("%s: %s has no manifest to verify", record.deployment_id, spec.model_path)
+            runtime.start(spec)
+        except ProvisionCancelled:
+            return  # stop() took over: it publishes stopping and stopped
+        except ProvisionFailed as exc:
+            self._fail_provisioning(record, exc.message)
+            return
+        except Exception as exc:
+            log.exception("runtime %s failed on %s", runtime.name, record.deployment_id)
+            runtime.stop(record.deployment_id)
+            self._fail_provisioning(record, f"agent error: {exc.__class__.__name__}: {exc}")
+            return
+        with self._lock:
+            if record.status is S.PROVISIONING:
+                self._transition(record, S.RUNNING)
+
+    def _fail_provisioning(self, record: _Record, reason: str) -> None:
+        with self._lock:
+            if record.status is not S.PROVISIONING:
+                return  # being stopped: that path reports
+            self.ports.release(record.deployment_id)
+            self._transition(record, S.FAILED, reason)
+
+    def _stop_quietly(self, deployment_id: str) -> None:
+        try:
+            self.stop(deployment_id)
+        except Exception:  # noqa: BLE001 - on exit, one stubborn deployment must not keep the others running
+            log.exception("could not stop %s on exit", deployment_id)
+
+    def _same(self, known: _Record, req: CreateVmRequest) -> AgentDeploymentDetail:
+        if (known.model_id, known.version, known.runtime) != (req.model_id, req.version, req.runtime):
+            raise Conflict(
+                f"deployment {req.deployment_id} already exists here for model {known.model_id} "
+                f"v{known.version} ({known.runtime})"
+            )
+        return known.view()
+
+    def _find(self, deployment_id: str) -> _Record:
+        record = self._records.get(deployment_id)
+        if record is None:
+            raise NotFound(f"deployment '{deployment_id}' is not held by agent {self.agent_id}")
+        return record
+
+    def _transition(self, record: _Record, status: DeploymentStatus, reason: str | None = None) -> None:
+        """Change state and publish it; called with the lock held so events leave in the order of changes."""
+        record.status = status
+        record.reason = reason
+        event = DeploymentEvent(
+            deployment_id=record.deployment_id, agent_id=self.agent_id, status=status, url=record.url,
+            reason=reason, source="agent", at=self.clock(),
+        )
+        try:
+            self.bus.publish(DEPLOYMENT_EVENTS, record.deployment_id, event)
+        except Exception:  # noqa: BLE001 - the metrics message still carries the state if an event is lost
+            log.exception("publishing %s of %s failed", status.value, record.deployment_id)
+        log.info("deployment %s is %s%s", record.deployment_id, status.value, f": {reason}" if reason else "")
+        if status.is_terminal:
+            record.finished_at = time.monotonic()
+            self._forget_oldest_finished()
+
+    def _forget_oldest_finished(self) -> None:
+        finished = sorted(
+            (r for r in self._records.values() if r.status.is_terminal),
+            key=lambda r: r.finished_at or 0.0,
+        )
+        for record in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._records[record.deployment_id]

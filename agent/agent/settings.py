@@ -1,0 +1,67 @@
+"""Settings of the agent (env prefix AGENT_)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from miaas.settings import ServiceSettings
+
+_RANGE = re.compile(r"^\s*(\d{1,5})\s*-\s*(\d{1,5})\s*$")
+
+
+def default_agent_id() -> str:
+    return f"agent-{socket.gethostname()}"
+
+
+def parse_port_range(value: str) -> tuple[int, int]:
+    """'lo-hi' → (lo, hi), both inclusive, 1024 ≤ lo ≤ hi ≤ 65535."""
+    match = _RANGE.match(value)
+    if match is None:
+        raise ValueError(f"port range must look like 'lo-hi' (e.g. 20000-29999), not {value!r}")
+    lo, hi = int(match[1]), int(match[2])
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"port range {value!r} must satisfy 1024 <= lo <= hi <= 65535")
+    return lo, hi
+
+
+class AgentSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENT_")
+
+    port: int = Field(8600, ge=0, le=65535)
+    agent_id: str = Field(
+        default_factory=default_agent_id,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="stable identity of this agent: its metrics key and its service-registry instance id",
+    )
+    state_dir: Path = Field(Path(".miaas/agent"), description="one folder per deployment, with its model.log")
+    venv_cache_dir: Path = Field(Path(".miaas/venvs"), description="virtualenvs by requirements hash; shareable")
+    port_range: str = Field("20000-29999", description="host ports handed to deployments, 'lo-hi' inclusive")
+    advertise_host: str = Field("127.0.0.1", description="host name or address put in deployment URLs")
+    metrics_interval_s: float = Field(5.0, gt=0, description="seconds between two system-metrics messages")
+    extra_load_percent: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="TEST SETTING: added to the reported CPU % and memory % (capped at 100) to fake load",
+    )
+    runtimes: list[str] = Field(default_factory=lambda: ["process"], min_length=1, description="JSON list")
+    provision_timeout_s: float = Field(600.0, gt=0, description="bound on venv + setup + start until it answers")
+    stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when stopping a model")
+    stop_deployments_on_exit: bool = True
+
+    @field_validator("port_range")
+    @classmethod
+    def _valid_range(cls, value: str) -> str:
+        parse_port_range(value)
+        return value
+
+    @property
+    def port_bounds(self) -> tuple[int, int]:
+        return parse_port_range(self.port_range)
