@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import uuid
 import zipfile
@@ -174,3 +175,54 @@ def test_unauthenticated_calls_are_refused(cluster: LocalCluster, service: str, 
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "unauthorized"
     assert requests.get(f"{cluster.url(service)}/health", timeout=10).status_code == 200
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "no CSRF token in the page"
+    return found.group(1)
+
+
+def test_the_portal_flow_login_upload_deploy_predict_stop(cluster: LocalCluster, package: Path) -> None:
+    portal = cluster.url("frontend")
+    web = requests.Session()
+    # given the admin logged in with the password `miaas up` printed
+    login_page = web.get(f"{portal}/login", timeout=10)
+    logged_in = web.post(f"{portal}/login", timeout=10, data={
+        "csrf_token": csrf_of(login_page.text), "username": "admin", "password": cluster.admin_password})
+    assert logged_in.status_code == 200 and "Log out" in logged_in.text, logged_in.text[:500]
+
+    # when the example is uploaded through the portal
+    form = web.get(f"{portal}/upload", timeout=10)
+    uploaded = web.post(f"{portal}/upload", timeout=60,
+                        data={"csrf_token": csrf_of(form.text), "model_name": "iris-web"},
+                        files={"file": ("iris.zip", package.read_bytes(), "application/zip")})
+    assert uploaded.status_code == 200, uploaded.text[:500]
+    assert "Uploaded iris-web version 1" in uploaded.text
+    model_page = uploaded.url
+
+    # and version 1 is deployed from the model page
+    deployed = web.post(f"{model_page}/deploy", timeout=60,
+                        data={"csrf_token": csrf_of(uploaded.text), "version": "1"})
+    assert deployed.status_code == 200 and "Deploying iris-web version 1" in deployed.text, deployed.text[:500]
+    deployment_id = re.search(r"\(deployment (d-[0-9a-f]+)\)", deployed.text).group(1)  # type: ignore[union-attr]
+
+    # then the deployments page shows it running with its URL, which answers predictions
+    for _ in range(600):
+        d = requests.get(f"{cluster.url('controller')}/controller/deployments/{deployment_id}",
+                         headers=auth(cluster), timeout=10).json()
+        if d["status"] in ("running", "failed"):
+            break
+        time.sleep(0.5)
+    assert d["status"] == "running", d
+    page = web.get(f"{portal}/deployments", timeout=10)
+    url = d["url"]
+    assert f'href="{url}"' in page.text
+    assert requests.post(f"{url}/predict", json={"features": SETOSA}, timeout=10).json()["predictions"] == ["setosa"]
+
+    # when the Stop button is pressed, the URL stops answering
+    stopped = web.post(f"{portal}/deployments/{deployment_id}/stop", timeout=60,
+                       data={"csrf_token": csrf_of(page.text)})
+    assert stopped.status_code == 200, stopped.text[:500]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/health", timeout=5)
