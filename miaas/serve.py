@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
+from waitress import wasyncore
 from waitress.server import create_server
 
 from miaas.discovery import Registration
@@ -47,14 +48,19 @@ class Server:
         return self
 
     def close(self) -> None:
-        """Stop listening, close open (keep-alive) connections, and let the serving thread end."""
-        self._server.close()
-        for channel in list(self._server._map.values()):
-            with contextlib.suppress(OSError):
-                channel.close()
-        self._server.task_dispatcher.shutdown()
-        if self._thread is not None:
+        """Stop listening and close every open (keep-alive) connection, then stop the worker threads.
+
+        When a background thread serves, the sockets are closed inside its own event loop: closing them from
+        another thread races its select() (EBADF).
+        """
+        server = self._server
+        if self._thread is not None and self._thread.is_alive():
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
             self._thread.join(timeout=5)
+        else:
+            with contextlib.suppress(OSError):
+                wasyncore.close_all(server._map)
+        server.task_dispatcher.shutdown()
 
 
 def configure_logging(level: str) -> None:

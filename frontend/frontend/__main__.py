@@ -1,0 +1,15 @@
+"""`python -m frontend`: run the portal."""
+
+from frontend.app import create_app
+from frontend.settings import FrontendSettings
+from miaas.serve import configure_logging, run_service
+
+
+def main() -> None:
+    settings = FrontendSettings()  # type: ignore[call-arg]
+    configure_logging(settings.log_level)  # before create_app, which logs the creation of the first admin
+    run_service("frontend", create_app(settings), settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""App factory of the portal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from flask import Flask, g, jsonify, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from frontend.auth import build_auth
+from frontend.backends import Backends, Locate, discover
+from frontend.pages import build_pages
+from frontend.security import check_csrf, csrf_token, log_out, session_user_id
+from frontend.settings import FrontendSettings
+from frontend.store import UserStore
+from miaas import __version__
+from miaas.errors import MiaasError
+
+log = logging.getLogger(__name__)
+# Pages anyone may see; every other page needs a logged-in session.
+PUBLIC_ENDPOINTS = {"auth.login_form", "auth.login", "health", "static"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+FORM_OVERHEAD_BYTES = 1 << 20  # the model name, the CSRF token and the multipart framing around the zip
+SMALL_BODY_BYTES = 64 << 10  # every form but the upload is a few short fields
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_app(
+    settings: FrontendSettings, locate: Locate | None = None, clock: Callable[[], datetime] = utcnow
+) -> Flask:
+    """The portal; `locate(name) -> base URL` finds other services (the service registry by default)."""
+    token = settings.service_token.get_secret_value()
+    app = Flask(__name__)
+    app.config.update(
+        SERVICE_NAME="frontend",
+        SECRET_KEY=settings.secret_key.get_secret_value(),
+        SESSION_COOKIE_NAME="miaas_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        MAX_UPLOAD_BYTES=settings.max_upload_bytes,
+    )
+
+    store = UserStore(settings.database_url)
+    admin = store.ensure_admin(settings.admin_username, settings.admin_password.get_secret_value(), clock())
+    if admin is not None:
+        log.warning(
+            "created the first admin user %r from FRONTEND_ADMIN_USERNAME / FRONTEND_ADMIN_PASSWORD; "
+            "the password in the settings is not read again",
+            admin.username,
+        )
+    backends = Backends(
+        locate or discover(settings.service_registry_url, token),
+        token,
+        timeout_s=settings.backend_timeout_s,
+        upload_timeout_s=settings.upload_timeout_s,
+    )
+    app.extensions["frontend.store"] = store
+    app.extensions["frontend.backends"] = backends
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.filters["when"] = _when
+    app.jinja_env.tests["web_url"] = _is_web_url
+
+    @app.before_request
+    def _guard() -> Response | None:
+        # Only the upload takes a large body, and only from a logged-in user: the login check below reads the
+        # cookie, not the body, so nobody else can make the portal spool gigabytes to disk.
+        if request.endpoint != "pages.upload":
+            request.max_content_length = SMALL_BODY_BYTES
+        user_id = session_user_id()
+        g.user = store.get(user_id) if user_id is not None else None
+        if user_id is not None and g.user is None:  # the user was deleted: end the session
+            log_out()
+        if g.user is None and request.endpoint is not None and request.endpoint not in PUBLIC_ENDPOINTS:
+            return redirect(url_for("auth.login_form", next=_here() if request.method == "GET" else None))
+        if request.method not in SAFE_METHODS:
+            check_csrf()
+        return None
+
+    @app.context_processor
+    def _user() -> dict[str, object]:
+        return {"user": g.get("user")}
+
+    @app.after_request
+    def _harden(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if request.endpoint != "static":
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.get("/health")
+    def health() -> Response:
+        """Liveness of the portal."""
+        return jsonify({"status": "ok", "service": "frontend", "version": __version__})
+
+    app.register_blueprint(build_auth(store))
+    app.register_blueprint(build_pages(backends))
+    _install_error_pages(app)
+    return app
+
+
+def _install_error_pages(app: Flask) -> None:
+    """Every error is a page of the portal with a sentence a person can read, never a traceback."""
+
+    def page(status: int, title: str, message: str) -> tuple[str, int]:
+        return render_template("error.html", status=status, title=title, message=message), status
+
+    @app.errorhandler(MiaasError)
+    def _ours(exc: MiaasError) -> tuple[str, int]:
+        return page(exc.status, "Request refused" if exc.status < 500 else "Service problem", exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> tuple[str, int]:
+        status = exc.code or 500
+        if status == 413 and request.endpoint == "pages.upload":
+            limit = app.config["MAX_UPLOAD_BYTES"]
+            return page(413, "Upload too large", f"The portal accepts uploads of up to {_size(limit)}.")
+        return page(status, exc.name, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[str, int]:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return page(500, "Something went wrong", "The portal hit an unexpected error; it has been logged.")
+
+
+def _here() -> str:
+    query = request.query_string.decode("latin-1")
+    return f"{request.path}?{query}" if query else request.path
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "—"
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _is_web_url(value: object) -> bool:
+    """Only http(s) URLs become links: a `javascript:` URL from a backend must never be clickable."""
+    return isinstance(value, str) and value.lower().startswith(("http://", "https://"))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
