@@ -10,28 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from agent.errors import ProvisionFailed
-from miaas.schemas import Wire
+from miaas.schemas import Manifest
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1024 * 1024
-
-
-class ManifestFile(Wire):
-    path: str = Field(description="relative to the version folder, '/'-separated")
-    sha256: str
-    size_bytes: int
-
-
-class Manifest(Wire):
-    """The part of the model registry's MANIFEST.json the agent checks."""
-
-    schema_version: Literal[1] = 1
-    files: list[ManifestFile]
 
 
 def sha256_of(path: Path) -> str:

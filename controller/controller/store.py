@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from controller.states import can_move
+from miaas.db import make_engine
 from miaas.errors import Conflict, NotFound
 from miaas.schemas import CandidateExplanation, Deployment, DeploymentStatus, Resources
 
@@ -62,25 +61,6 @@ class DeploymentRow(Base):
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets its folder created, WAL and cross-thread use."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(conn: object, _record: object) -> None:
-            cur = conn.cursor()  # type: ignore[attr-defined]
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
 
 
 class DeploymentStore:

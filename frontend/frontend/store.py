@@ -6,14 +6,13 @@ import enum
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
-from sqlalchemy import DateTime, Integer, String, create_engine, func, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import DateTime, Integer, String, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from miaas.db import make_engine, sqlite_file
 from miaas.errors import BadRequest, Conflict
 
 log = logging.getLogger(__name__)
@@ -63,10 +62,8 @@ class UserStore:
     """Users with scrypt password hashes, in any database SQLAlchemy speaks."""
 
     def __init__(self, database_url: str) -> None:
-        db_file = _sqlite_file(database_url)
-        if db_file is not None:  # SQLite creates the file but not its folder (the default lives in .miaas/)
-            db_file.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(database_url)
+        db_file = sqlite_file(database_url)
+        self.engine = make_engine(database_url)
         _Base.metadata.create_all(self.engine)
         if db_file is not None:  # password hashes are for the portal's eyes only
             db_file.chmod(0o600)
@@ -129,7 +126,3 @@ class UserStore:
         return self._dummy_hash
 
 
-def _sqlite_file(database_url: str) -> Path | None:
-    url = make_url(database_url)
-    path = url.database if url.get_backend_name() == "sqlite" else None
-    return Path(path) if path and path != ":memory:" and not path.startswith("file:") else None

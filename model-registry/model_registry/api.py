@@ -5,10 +5,9 @@ from __future__ import annotations
 from flask import Response, current_app, g, request, send_file
 
 from miaas.errors import BadRequest
-from miaas.schemas import FetchModelQuery, ModelList, UploadResult
+from miaas.schemas import FetchedVersion, FetchModelQuery, ModelDetail, ModelList, UploadResult
 from miaas.web import Api
 from model_registry.registry import ModelRegistry
-from model_registry.schemas import FetchedVersion, ModelDetail
 from model_registry.settings import ModelRegistrySettings
 from model_registry.uploads import receive_upload
 

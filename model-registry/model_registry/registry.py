@@ -12,8 +12,7 @@ from pathlib import Path
 
 from miaas.bus import MODEL_EVENTS, EventBus
 from miaas.errors import BadRequest, NotFound
-from miaas.schemas import ModelSummary, ModelVersion, PackageMeta
-from model_registry.schemas import Manifest, ManifestFile, ModelEvent
+from miaas.schemas import Manifest, ManifestFile, ModelEvent, ModelSummary, ModelVersion, PackageMeta
 from model_registry.storage import ModelStorage, Stage, new_model_id, remove
 from model_registry.store import ModelRecord, Store, VersionRecord
 from model_registry.validation import Limits, Package, model_name_problem, validate_package

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from miaas.errors import Conflict
-from model_registry.schemas import Manifest
+from miaas.schemas import Manifest
 from model_registry.validation import MANIFEST, MODEL_ID_RE
 
 log = logging.getLogger(__name__)

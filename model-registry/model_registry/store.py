@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -17,16 +15,14 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
-    create_engine,
-    event,
     func,
     select,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
 
+from miaas.db import make_engine
 from miaas.errors import Conflict
 from miaas.schemas import PackageMeta
 
@@ -109,21 +105,11 @@ class Store:
     """Models and versions in a SQL database; no connection is made until a method needs one."""
 
     def __init__(self, url: str) -> None:
-        self.url = make_url(url)
-        kw: dict[str, Any] = {}
-        if self.url.get_backend_name() == "sqlite":
-            kw["connect_args"] = {"check_same_thread": False}
-            if self.url.database in (None, "", ":memory:"):
-                kw["poolclass"] = StaticPool
-        self.engine: Engine = create_engine(self.url, **kw)
-        if self.url.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
         """Create missing tables (migrations come with Alembic later)."""
-        if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
-            Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
         Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
@@ -197,14 +183,6 @@ class Store:
                 f"version {record.version} of model '{record.name}' was created at the same time elsewhere; retry"
             ) from exc
         return record
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
 
 
 def _model(row: ModelRow) -> ModelRecord:

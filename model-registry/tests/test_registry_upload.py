@@ -17,7 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from miaas.bus import MODEL_EVENTS, MemoryBus
-from model_registry.schemas import ModelEvent
+from miaas.schemas import ModelEvent
 from model_registry.settings import ModelRegistrySettings
 from model_registry.testing import GOOD, META, Entry, Files, Upload, authenticated, files_under, good, make_zip
 
