@@ -17,16 +17,22 @@ from miaas.discovery import Registration
 from miaas.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+# waitress buffers a whole request body before the app sees it: refuse bigger ones at the door.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+MULTIPART_SLACK_BYTES = 1024 * 1024
 
 
 class Server:
     """A WSGI app served by waitress; binds at construction so the URL is known before it runs."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0, threads: int = 16) -> None:
+    def __init__(
+        self, app: Flask, host: str = "127.0.0.1", port: int = 0, threads: int = 16,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         self.app = app
         self._server: Any = create_server(
             app, host=host, port=port, threads=threads, ident="miaas", channel_timeout=300,
-            max_request_body_size=1 << 40, clear_untrusted_proxy_headers=True,
+            max_request_body_size=max_body_bytes, clear_untrusted_proxy_headers=True,
         )
         self.host = host
         self.port: int = int(self._server.effective_port)  # type: ignore[union-attr]
@@ -77,10 +83,11 @@ def run_service(
     instance_id: str | None = None,
     on_start: Callable[[str], None] | None = None,
     on_stop: Callable[[], None] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> None:
     """Run a service process: serve, register with the service registry, and stop cleanly on SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
-    server = Server(app, settings.host, settings.port)
+    server = Server(app, settings.host, settings.port, max_body_bytes=max_body_bytes)
     public_url = settings.public_url or server.url
     app.config["PUBLIC_URL"] = public_url
     if on_start is not None:
