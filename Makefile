@@ -19,7 +19,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy miaas
+	$(VENV)/bin/mypy miaas kafka/embedded_broker service-registry/service_registry model-registry/model_registry \
+		controller/controller agent/agent frontend/frontend
 
 clean:
 	rm -rf .miaas dist .pytest_cache
