@@ -202,7 +202,7 @@ class Controller:
     def _agent(self, agent_id: str) -> ServiceClient:
         record = self.view.get(agent_id)
         if record is None:
-            raise Unavailable(f"agent '{agent_id}' is unknown to the controller")
+            raise Unavailable(f"agent '{agent_id}' has not reported metrics to this controller; retry shortly")
         return ServiceClient(record.metrics.url, self.token, timeout=self.settings.agent_timeout_s)
 
     def _provision(self, d: Deployment) -> Deployment:
@@ -248,11 +248,13 @@ class Controller:
             final = self.store.transition(deployment_id, S.STOPPED, self.clock()) or d
             self._publish(final)
             return final
-        d = self.store.transition(deployment_id, S.STOPPING, self.clock()) or d
-        self._publish(d)
-        if d.agent_id is not None and self.view.get(d.agent_id) is not None:
+        if d.agent_id is not None:
+            # An agent the controller cannot reach may still run it: refuse rather than report a false stop.
+            agent = self._agent(d.agent_id)
+            d = self.store.transition(deployment_id, S.STOPPING, self.clock()) or d
+            self._publish(d)
             try:
-                self._agent(d.agent_id).post("/stop-vm", json={"deployment_id": deployment_id})
+                agent.post("/stop-vm", json={"deployment_id": deployment_id})
             except RemoteError as exc:
                 if exc.status != 404:  # 404: the agent never had it or already forgot it
                     raise
