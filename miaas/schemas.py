@@ -214,6 +214,7 @@ class ModelList(Wire):
 class FetchModelQuery(Request):
     model_id: str = Field(min_length=1, max_length=128)
     version: int | None = Field(None, ge=1, description="latest when omitted")
+    alias: str | None = Field(None, min_length=1, max_length=32, description="resolve through this alias")
 
 
 class UploadResult(Wire):
@@ -250,11 +251,29 @@ class Manifest(Wire):
     files: list[ManifestFile] = Field(description="every file of the version but MANIFEST.json, sorted by path")
 
 
+class VersionFiles(Wire):
+    """The files of a version, as listed in its MANIFEST.json."""
+
+    model_id: str
+    version: int
+    files: list[ManifestFile]
+
+
+class EditRequest(Request):
+    """Text files to replace or add in a copy of a version; the result is uploaded as the next version."""
+
+    files: dict[str, str] = Field(min_length=1, max_length=64, description="path -> new UTF-8 text")
+
+
+class AliasRequest(Request):
+    version: int = Field(ge=1)
+
+
 class ModelEvent(Wire):
-    """Message on `model-events` (key: model id): a version was created."""
+    """Message on `model-events` (key: model id): a version was created, or an alias now points at a version."""
 
     schema_version: Literal[1] = 1
-    kind: Literal["version_created"] = "version_created"
+    kind: Literal["version_created", "alias_moved"] = "version_created"
     model_id: str
     name: str
     version: int
@@ -262,6 +281,7 @@ class ModelEvent(Wire):
     path: str
     created_by: str | None = None
     at: datetime
+    alias: str | None = Field(None, description="the alias that moved (kind alias_moved)")
 
 
 # --------------------------------------------------------------------------- controller

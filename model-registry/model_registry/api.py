@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Response, current_app, g, request, send_file
+from flask import Response, current_app, g, jsonify, request, send_file
 
 from miaas.errors import BadRequest
-from miaas.schemas import FetchedVersion, FetchModelQuery, ModelDetail, ModelList, UploadResult
+from miaas.schemas import (
+    AliasRequest,
+    EditRequest,
+    FetchedVersion,
+    FetchModelQuery,
+    ModelDetail,
+    ModelList,
+    UploadResult,
+    VersionFiles,
+)
 from miaas.web import Api
 from model_registry.registry import ModelRegistry
 from model_registry.settings import ModelRegistrySettings
@@ -29,7 +38,7 @@ def build_api(registry: ModelRegistry, settings: ModelRegistrySettings) -> Api:
     @api.route("/registry/fetch-model", query=FetchModelQuery, response=FetchedVersion)
     def fetch_model(query: FetchModelQuery) -> FetchedVersion:
         """Where a version lives (path, checksums, download URL); model_id is an id or a name, version the latest."""
-        record = registry.fetch(query.model_id, query.version)
+        record = registry.resolve(query.model_id, query.version, query.alias)
         download = f"/registry/models/{record.model_id}/versions/{record.version}/download"
         return FetchedVersion.model_validate({
             **registry.to_wire(record).model_dump(),
@@ -56,6 +65,43 @@ def build_api(registry: ModelRegistry, settings: ModelRegistrySettings) -> Api:
             registry.zip_of(record), mimetype="application/zip", as_attachment=True,
             download_name=f"{record.name}-v{record.version}.zip", conditional=True, etag=record.sha256,
         )
+
+    @api.route("/registry/models/<model_id>/versions/<int:version>/files", response=VersionFiles)
+    def list_files(model_id: str, version: int) -> VersionFiles:
+        """The files of a version (path, size, sha256), from its MANIFEST.json."""
+        record = registry.fetch(model_id, version)
+        return VersionFiles(model_id=record.model_id, version=record.version, files=registry.manifest(record).files)
+
+    @api.route("/registry/models/<model_id>/versions/<int:version>/files/<path:path>")
+    def get_file(model_id: str, version: int, path: str) -> Response:
+        """One file of a version, looked up in its manifest: text/plain for text, application/octet-stream else."""
+        record = registry.fetch(model_id, version)
+        target, entry, text = registry.file_of(record, path)
+        return send_file(target, mimetype="text/plain" if text else "application/octet-stream",
+                         conditional=True, etag=entry.sha256, max_age=0)
+
+    @api.route("/registry/models/<model_id>/versions/<int:version>/edit", "POST", body=EditRequest,
+               response=UploadResult, status=201)
+    def edit_version(model_id: str, version: int, body: EditRequest) -> UploadResult:
+        """A new version: a copy of this one with some text files replaced or added, validated like an upload."""
+        published = registry.edit(model_id, version, dict(body.files), created_by=_caller())
+        return UploadResult(model=registry.to_wire(published.version), warnings=list(published.warnings))
+
+    @api.route("/registry/models/<model_id>/aliases")
+    def list_aliases(model_id: str) -> Response:
+        """The aliases of a model: {alias: version}."""
+        return jsonify(registry.aliases(model_id))
+
+    @api.route("/registry/models/<model_id>/aliases/<alias>", "PUT", body=AliasRequest)
+    def set_alias(model_id: str, alias: str, body: AliasRequest) -> Response:
+        """Point an alias at an existing version (creates or moves it); answers all the aliases."""
+        return jsonify(registry.set_alias(model_id, alias, body.version, by=_caller()))
+
+    @api.route("/registry/models/<model_id>/aliases/<alias>", "DELETE", status=204)
+    def delete_alias(model_id: str, alias: str) -> Response:
+        """Remove an alias."""
+        registry.delete_alias(model_id, alias)
+        return Response(status=204)
 
     return api
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import logging
+import re
+import shutil
+import stat
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,9 +21,28 @@ from miaas.errors import BadRequest, NotFound
 from miaas.schemas import Manifest, ManifestFile, ModelEvent, ModelSummary, ModelVersion, PackageMeta
 from model_registry.storage import ModelStorage, Stage, new_model_id, remove
 from model_registry.store import ModelRecord, Store, VersionRecord
-from model_registry.validation import Limits, Package, model_name_problem, validate_package
+from model_registry.validation import (
+    APP,
+    MANIFEST,
+    META,
+    REQUIREMENTS,
+    Limits,
+    Package,
+    Problem,
+    model_name_problem,
+    path_problem,
+    show,
+    validate_package,
+)
 
 log = logging.getLogger(__name__)
+
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
+EDITABLE = (META, APP, REQUIREMENTS, "webapp.py")
+"""Text files an edit may always write (replace or add); other text files only when the base version has them."""
+MAX_EDIT_BYTES = 1 << 20
+SNIFF_BYTES = 8192
+ZIP64_FROM = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -95,6 +120,71 @@ class ModelRegistry:
         log.info("stored %s (%s) v%d from %s", record.model_id, name, record.version, created_by)
         return Published(record, package.warnings)
 
+    def edit(self, ref: str, version: int, edits: dict[str, str], created_by: str | None) -> Published:
+        """A copy of a version with some text files replaced or added, uploaded as the model's next version.
+
+        The copy is written as a zip into the store's temp folder and goes through `upload`, exactly like a zip
+        sent by a user: same validation, same storage, same numbering and events. The base version is untouched.
+        """
+        base = self.fetch(ref, version)
+        manifest = self.manifest(base)
+        folder = self.path_of(base)
+        problems = _edit_problems(edits, manifest, base.meta, folder)
+        if problems:
+            raise BadRequest(
+                "invalid edit: " + "; ".join(p.message for p in problems),
+                code="invalid_edit", details=[p.to_dict() for p in problems],
+            )
+        path, out = self.storage.spool()
+        try:
+            with out, zipfile.ZipFile(out, "w") as zf:
+                for entry in manifest.files:
+                    if entry.path in edits:
+                        continue
+                    info = _zip_info(entry.path, zipfile.ZIP_STORED)
+                    with open(_inside(folder, entry.path), "rb") as src, \
+                            zf.open(info, "w", force_zip64=entry.size_bytes >= ZIP64_FROM) as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                for name in sorted(edits):
+                    zf.writestr(_zip_info(name, zipfile.ZIP_DEFLATED), edits[name].encode())
+            digest = hashlib.sha256()
+            with open(path, "rb") as done:
+                while chunk := done.read(1 << 20):
+                    digest.update(chunk)
+            received = ReceivedZip(path, path.stat().st_size, digest.hexdigest())
+            published = self.upload(base.name, received, created_by)
+        finally:
+            remove(path)  # already gone when it was published
+        log.info("%s v%d edited from v%d by %s (%s)", base.model_id, published.version.version, base.version,
+                 created_by, ", ".join(sorted(edits)))
+        return published
+
+    def set_alias(self, ref: str, alias: str, version: int, by: str | None) -> dict[str, int]:
+        """Point `alias` at an existing version (created or moved) and announce it; returns all the aliases."""
+        _check_alias(alias)
+        model = self.model(ref)
+        with self._locks.hold(model.name):
+            record = self.fetch(model.model_id, version)
+            at = self.clock()
+            self.store.set_alias(model.model_id, alias, version, by=by, at=at)
+            aliases = self.store.aliases(model.model_id)
+        self._publish(ModelEvent(
+            kind="alias_moved", model_id=record.model_id, name=record.name, version=record.version,
+            sha256=record.sha256, path=str(self.path_of(record)), created_by=by, at=at, alias=alias,
+        ))
+        log.info("alias %s of %s now points at v%d (%s)", alias, model.model_id, version, by)
+        return aliases
+
+    def delete_alias(self, ref: str, alias: str) -> None:
+        _check_alias(alias)
+        model = self.model(ref)
+        with self._locks.hold(model.name):
+            if not self.store.delete_alias(model.model_id, alias):
+                raise NotFound(f"model '{ref}' has no alias '{alias}'")
+
+    def aliases(self, ref: str) -> dict[str, int]:
+        return self.store.aliases(self.model(ref).model_id)
+
     def _commit(
         self, name: str, stage: Stage, upload: ReceivedZip, manifest_sha256: str, meta: PackageMeta,
         created_by: str | None,
@@ -116,16 +206,19 @@ class ModelRegistry:
             raise
 
     def _announce(self, record: VersionRecord) -> None:
-        if self.bus is None:
-            return
-        event = ModelEvent(
+        self._publish(ModelEvent(
             model_id=record.model_id, name=record.name, version=record.version, sha256=record.sha256,
             path=str(self.path_of(record)), created_by=record.created_by, at=record.created_at,
-        )
+        ))
+
+    def _publish(self, event: ModelEvent) -> None:
+        if self.bus is None:
+            return
         try:
-            self.bus.publish(MODEL_EVENTS, record.model_id, event)
-        except Exception:  # noqa: BLE001 - the version is stored; a lost event must not turn it into an error
-            log.exception("could not publish %s v%d to %s", record.model_id, record.version, MODEL_EVENTS)
+            self.bus.publish(MODEL_EVENTS, event.model_id, event)
+        except Exception:  # noqa: BLE001 - the change is stored; a lost event must not turn it into an error
+            log.exception("could not publish %s of %s v%d to %s", event.kind, event.model_id, event.version,
+                          MODEL_EVENTS)
 
     # ------------------------------------------------------------------ reading
 
@@ -144,6 +237,35 @@ class ModelRegistry:
             latest = self.store.latest_version(model.model_id)
             raise NotFound(f"model '{ref}' has no version {version} (the latest is {latest})")
         return found
+
+    def resolve(self, ref: str, version: int | None = None, alias: str | None = None) -> VersionRecord:
+        """A version by number, by alias, or the latest; a version and an alias together are a 400."""
+        if alias is None:
+            return self.fetch(ref, version)
+        if version is not None:
+            raise BadRequest("give a version or an alias, not both", code="invalid_query")
+        _check_alias(alias)
+        model = self.model(ref)
+        number = self.store.get_alias(model.model_id, alias)
+        if number is None:
+            raise NotFound(f"model '{ref}' has no alias '{alias}'")
+        return self.fetch(model.model_id, number)
+
+    def manifest(self, record: VersionRecord) -> Manifest:
+        """The MANIFEST.json of a version folder."""
+        return Manifest.model_validate_json((self.path_of(record) / MANIFEST).read_bytes())
+
+    def file_of(self, record: VersionRecord, path: str) -> tuple[Path, ManifestFile, bool]:
+        """A file of a version, looked up in its manifest (never joined from `path`); 404 when not listed.
+
+        Returns the file's absolute path, its manifest entry, and whether it is UTF-8 text.
+        """
+        for entry in self.manifest(record).files:
+            if entry.path == path:
+                target = _inside(self.path_of(record), entry.path)
+                return target, entry, _is_text(target)
+        raise NotFound(f"{record.name} v{record.version} has no file {show(path[:300])!r}",
+                       details={"path": show(path[:300])})
 
     def versions(self, ref: str) -> tuple[ModelSummary, list[ModelVersion]]:
         model = self.model(ref)
@@ -182,3 +304,75 @@ def _manifest(package: Package, upload: ReceivedZip) -> Manifest:
         zip_sha256=upload.sha256, zip_size_bytes=upload.size_bytes,
         files=[ManifestFile(path=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in files],
     )
+
+
+def _check_alias(alias: str) -> None:
+    if not ALIAS_RE.match(alias):
+        raise BadRequest(
+            f"alias {show(alias[:40])!r} is invalid: use a lowercase letter, then up to 31 lowercase letters, "
+            "digits, '.', '_' or '-'", code="invalid_alias",
+        )
+
+
+def _inside(folder: Path, path: str) -> Path:
+    """The file at manifest path `path` in a version folder; the manifest's names were validated at upload."""
+    target = folder.joinpath(*path.split("/"))
+    if path_problem(path) or not target.is_relative_to(folder) or not stat.S_ISREG(target.lstat().st_mode):
+        raise NotFound(f"no file {show(path[:300])!r} in the version")
+    return target
+
+
+def _is_text(path: Path) -> bool:
+    """Whether a file looks like UTF-8 text: its first bytes decode and hold no NUL."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if b"\x00" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _is_artifact(name: str, meta: PackageMeta) -> bool:
+    return any(name == a.rstrip("/") or name.startswith(a.rstrip("/") + "/") for a in meta.artifacts)
+
+
+def _edit_problems(edits: dict[str, str], manifest: Manifest, meta: PackageMeta, folder: Path) -> list[Problem]:
+    """Why these edits cannot be applied to a version, by file."""
+    existing = {f.path for f in manifest.files}
+    problems: list[Problem] = []
+    for name, text in edits.items():
+        bad = path_problem(name)
+        if bad or name.endswith("/"):
+            problems.append(Problem(show(name), f"{show(name)!r}: {bad or 'not a file name'}"))
+            continue
+        if name not in EDITABLE:
+            if name not in existing:
+                problems.append(Problem(name, f"{name} is not a file of the version; only {', '.join(EDITABLE)} "
+                                              "may be added"))
+                continue
+            if _is_artifact(name, meta) or not _is_text(_inside(folder, name)):
+                problems.append(Problem(name, f"{name} is an artifact or not a text file; only text files can be "
+                                              "edited"))
+                continue
+        elif _is_artifact(name, meta):
+            problems.append(Problem(name, f"{name} is an artifact; only text files can be edited"))
+            continue
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            problems.append(Problem(name, f"{name} is not valid Unicode text (lone surrogate)"))
+            continue
+        if size > MAX_EDIT_BYTES:
+            problems.append(Problem(name, f"{name} is over {MAX_EDIT_BYTES} bytes"))
+    return problems
+
+
+def _zip_info(name: str, compression: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.create_system = 3
+    info.external_attr = (stat.S_IFREG | 0o644) << 16
+    info.compress_type = compression
+    return info

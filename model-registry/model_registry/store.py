@@ -15,6 +15,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    delete,
     func,
     select,
 )
@@ -70,6 +71,16 @@ class VersionRow(Base):
     meta_json: Mapped[str] = mapped_column(Text)
     created_by: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class AliasRow(Base):
+    __tablename__ = "aliases"
+
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_by: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,39 @@ class Store:
                 f"version {record.version} of model '{record.name}' was created at the same time elsewhere; retry"
             ) from exc
         return record
+
+
+    # ------------------------------------------------------------------ aliases
+
+    def set_alias(self, model_id: str, alias: str, version: int, *, by: str | None, at: datetime) -> int | None:
+        """Point `alias` of a model at `version` (created or moved); returns the version it pointed at before."""
+        with self._sessions() as s, s.begin():
+            row = s.get(AliasRow, (model_id, alias))
+            if row is None:
+                s.add(AliasRow(model_id=model_id, alias=alias, version=version, updated_by=by, updated_at=at))
+                return None
+            before = row.version
+            row.version, row.updated_by, row.updated_at = version, by, at
+            return before
+
+    def get_alias(self, model_id: str, alias: str) -> int | None:
+        with self._sessions() as s:
+            row = s.get(AliasRow, (model_id, alias))
+            return row.version if row is not None else None
+
+    def aliases(self, model_id: str) -> dict[str, int]:
+        """The aliases of a model by name."""
+        with self._sessions() as s:
+            query = (
+                select(AliasRow.alias, AliasRow.version).where(AliasRow.model_id == model_id).order_by(AliasRow.alias)
+            )
+            return {alias: version for alias, version in s.execute(query)}
+
+    def delete_alias(self, model_id: str, alias: str) -> bool:
+        """Remove an alias; False when there was none."""
+        with self._sessions() as s, s.begin():
+            result = s.execute(delete(AliasRow).where(AliasRow.model_id == model_id, AliasRow.alias == alias))
+            return bool(getattr(result, "rowcount", 0))
 
 
 def _model(row: ModelRow) -> ModelRecord:
