@@ -290,6 +290,7 @@ class ModelEvent(Wire):
 class DeployRequest(Request):
     model_id: str = Field(min_length=1, max_length=128, description="model id or model name")
     version: int | None = Field(None, ge=1, description="latest when omitted")
+    alias: str | None = Field(None, min_length=1, max_length=32, description="a version alias, e.g. production")
     runtime: str | None = Field(None, min_length=1, max_length=32, description="controller's default when omitted")
 
 

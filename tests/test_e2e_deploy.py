@@ -98,9 +98,12 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     uploaded = upload(cluster, "iris", package.read_bytes())
     assert uploaded.status_code == 201, uploaded.text
     model = uploaded.json()["model"]
+    aliased = requests.put(f"{cluster.url('model-registry')}/registry/models/iris/aliases/production",
+                           headers=auth(cluster), json={"version": model["version"]}, timeout=10)
+    assert aliased.status_code == 200, aliased.text
     deployed = requests.post(
         f"{cluster.url('controller')}/controller/deploy?wait=300", headers=auth(cluster),
-        json={"model_id": model["model_id"], "version": model["version"]}, timeout=320,
+        json={"model_id": "iris", "alias": "production"}, timeout=320,
     )
 
     # then it runs on the idle agent and answers real predictions
@@ -108,6 +111,7 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     d = deployed.json()
     assert d["status"] == "running", d
     assert d["agent_id"] == "agent-2"
+    assert (d["model_id"], d["version"]) == (model["model_id"], model["version"])  # resolved through the alias
     assert {c["agent_id"] for c in d["placement"]} == {"agent-1", "agent-2"}
     answer = requests.post(f"{d['url']}/predict", json={"features": [SETOSA, VIRGINICA]}, timeout=10)
     assert answer.status_code == 200, answer.text

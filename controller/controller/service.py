@@ -165,7 +165,7 @@ class Controller:
 
     def deploy(self, req: DeployRequest, user: str | None, wait: float = 0.0) -> Deployment:
         """Resolve the version, place it, record it, and ask the chosen agent to provision it."""
-        version = self._fetch_model(req.model_id, req.version)
+        version = self._fetch_model(req.model_id, req.version, req.alias)
         meta = PackageMeta.model_validate(version["meta"])
         runtime = req.runtime or self.settings.default_runtime
         with self._place_lock:
@@ -189,11 +189,14 @@ class Controller:
             deployment = self.wait_for(deployment.deployment_id, wait)
         return deployment
 
-    def _fetch_model(self, model_id: str, version: int | None) -> dict[str, Any]:
+    def _fetch_model(self, model_id: str, version: int | None, alias: str | None) -> dict[str, Any]:
+        """The version to deploy, resolved by the model registry (latest, a number, or an alias)."""
         registry = ServiceClient(self.locate("model-registry"), self.token, timeout=10)
         params: dict[str, Any] = {"model_id": model_id}
         if version is not None:
             params["version"] = version
+        if alias is not None:
+            params["alias"] = alias
         found = registry.get("/registry/fetch-model", params=params)
         if not isinstance(found, dict) or "meta" not in found:
             raise UpstreamError("model registry answered fetch-model without meta")
