@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Response, g
+from pydantic import Field
 
 from controller.service import Controller
 from miaas.schemas import (
@@ -20,6 +21,9 @@ from miaas.web import Api
 
 class ListQuery(Request):
     status: DeploymentStatus | None = None
+    active: bool = Field(False, description="only deployments that hold or may hold resources (not stopped/failed)")
+    model_id: str | None = Field(None, max_length=128)
+    version: int | None = Field(None, ge=1)
 
 
 def build_api(controller: Controller) -> Api:
@@ -39,8 +43,12 @@ def build_api(controller: Controller) -> Api:
 
     @api.route("/controller/deployments", query=ListQuery, response=DeploymentList)
     def deployments(query: ListQuery) -> DeploymentList:
-        """Every deployment, newest first, optionally of one status."""
-        return DeploymentList(deployments=controller.store.all(query.status))
+        """Every deployment, newest first; filters: status, active, model_id, version (e.g. is a version in use?)."""
+        statuses = {query.status} if query.status is not None else set(DeploymentStatus)
+        if query.active:
+            statuses -= {DeploymentStatus.STOPPED, DeploymentStatus.FAILED}
+        found = controller.store.all(frozenset(statuses), model_id=query.model_id, version=query.version)
+        return DeploymentList(deployments=found)
 
     @api.route("/controller/deployments/<deployment_id>", response=Deployment)
     def deployment(deployment_id: str) -> Deployment:

@@ -83,11 +83,22 @@ class DeploymentStore:
                 raise NotFound(f"deployment '{deployment_id}' not found")
             return row.to_wire()
 
-    def all(self, status: DeploymentStatus | None = None) -> list[Deployment]:
+    def all(
+        self,
+        statuses: frozenset[DeploymentStatus] | None = None,
+        *,
+        model_id: str | None = None,
+        version: int | None = None,
+    ) -> list[Deployment]:
+        """Deployments, newest first, optionally only in some states or of one model (and version)."""
         with self._session() as s:
             q = select(DeploymentRow).order_by(DeploymentRow.created_at.desc())
-            if status is not None:
-                q = q.where(DeploymentRow.status == status.value)
+            if statuses is not None:
+                q = q.where(DeploymentRow.status.in_([x.value for x in statuses]))
+            if model_id is not None:
+                q = q.where(DeploymentRow.model_id == model_id)
+            if version is not None:
+                q = q.where(DeploymentRow.version == version)
             return [r.to_wire() for r in s.scalars(q)]
 
     def active_on_agents(self, statuses: frozenset[DeploymentStatus]) -> list[DeploymentRow]:

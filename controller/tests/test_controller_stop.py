@@ -33,3 +33,30 @@ def test_stop_on_an_unknown_agent_is_a_503_and_the_deployment_keeps_its_state(se
     assert controller.store.get("d-1").status == DeploymentStatus.RUNNING
     # and an unknown deployment is a 404
     assert client.post("/controller/stop", json={"deployment_id": "d-404"}, headers=headers).status_code == 404
+
+
+def test_deployments_can_be_filtered_by_model_version_and_activity(service_token: str, tmp_path: Path) -> None:
+    settings = ControllerSettings(service_token=service_token, database_url=f"sqlite:///{tmp_path / 'c.db'}")
+    app = create_app(settings, locate=lambda name: "http://127.0.0.1:9")
+    store = app.extensions["controller"].store
+    now = datetime.now(UTC)
+    for i, (model, version, status) in enumerate([("m-1", 1, "running"), ("m-1", 1, "stopped"), ("m-1", 2, "running"),
+                                                   ("m-2", 1, "provisioning")]):
+        store.add(DeploymentRow(
+            id=f"d-{i}", model_id=model, model_name=model, version=version, status=status, agent_id="a", url=None,
+            reason=None, runtime="process", cpus=1, memory_mb=256, gpus=0, placement=[], created_by=None,
+            created_at=now, updated_at=now,
+        ))
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {service_token}"}
+
+    def ids(qs: str) -> set[str]:
+        resp = client.get(f"/controller/deployments?{qs}", headers=headers)
+        assert resp.status_code == 200, resp.json
+        return {d["deployment_id"] for d in resp.json["deployments"]}
+
+    assert ids("model_id=m-1&version=1&active=true") == {"d-0"}
+    assert ids("model_id=m-1") == {"d-0", "d-1", "d-2"}
+    assert ids("status=provisioning") == {"d-3"}
+    assert ids("active=true") == {"d-0", "d-2", "d-3"}
+    assert client.get("/controller/deployments?version=0", headers=headers).status_code == 400
