@@ -1,15 +1,21 @@
-"""Fixtures of the model registry tests: settings on a temp store, the app with a memory bus, packages as zips."""
+"""Fixtures of the model registry tests: settings on a temp store, the app with a memory bus, packages as zips.
+
+Every test that uses the registry's database runs twice: on SQLite and on PostgreSQL (a fresh schema each time).
+"""
 
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy.engine import make_url
 from werkzeug.test import TestResponse
 
 from miaas.bus import MemoryBus
@@ -18,11 +24,27 @@ from model_registry.settings import ModelRegistrySettings
 from model_registry.testing import Files, Upload, authenticated, make_zip, registry
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, workdir: Path) -> Iterator[str]:
+    """A fresh, empty database for the test: a SQLite file, or a new schema (first on the search path) of the
+    session's PostgreSQL database; a schema costs well under a millisecond where a new database costs 200 ms."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{workdir / 'registry.db'}"
+        return
+    server = make_url(request.getfixturevalue("postgres_url"))
+    schema = f"registry_{uuid.uuid4().hex[:16]}"
+    admin = {"host": server.host, "port": server.port, "user": server.username, "password": server.password,
+             "dbname": server.database, "autocommit": True}
+    with psycopg.connect(**admin) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield server.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    with psycopg.connect(**admin) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @pytest.fixture
-def settings(service_token: str, workdir: Path) -> ModelRegistrySettings:
-    return ModelRegistrySettings(
-        service_token=service_token, model_store=workdir / "models", database_url=f"sqlite:///{workdir / 'registry.db'}"
-    )
+def settings(service_token: str, workdir: Path, database_url: str) -> ModelRegistrySettings:
+    return ModelRegistrySettings(service_token=service_token, model_store=workdir / "models", database_url=database_url)
 
 
 @pytest.fixture

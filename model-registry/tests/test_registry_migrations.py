@@ -1,0 +1,69 @@
+"""The schema comes from Alembic migrations, and the migrated database matches the store's models exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+
+from model_registry.store import MIGRATIONS, Base, Store, alembic_config
+
+TABLES = ["alembic_version", "aliases", "models", "versions"]
+
+
+def _differences(store: Store) -> list[object]:
+    with store.engine.connect() as conn:
+        return list(compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata))
+
+
+def test_the_migrated_database_matches_the_store_models(database_url: str) -> None:
+    store = Store(database_url)
+    try:
+        store.create_schema()
+        store.create_schema()  # a second upgrade finds the database at head and changes nothing
+        with store.engine.connect() as conn:
+            assert sorted(inspect(conn).get_table_names()) == TABLES
+            head = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
+            if conn.dialect.name == "postgresql":  # each test has a schema of its own, first on the search path
+                assert conn.exec_driver_sql("SELECT current_schema()").scalar_one().startswith("registry_")
+        assert head == [ScriptDirectory.from_config(alembic_config()).get_current_head()]
+        assert _differences(store) == []
+    finally:
+        store.close()
+
+
+def test_an_in_memory_sqlite_database_is_migrated_on_the_store_engine() -> None:
+    store = Store("sqlite://")
+    try:
+        store.create_schema()
+        with store.engine.connect() as conn:
+            assert sorted(inspect(conn).get_table_names()) == TABLES
+        assert _differences(store) == []
+        assert store.models() == []
+    finally:
+        store.close()
+
+
+def test_the_migrations_are_one_linear_history_inside_the_package() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    assert (MIGRATIONS / "env.py").is_file()
+    assert len(script.get_heads()) == 1
+    assert [r.revision for r in script.walk_revisions()][-1] == "0001"
+
+
+def test_the_initial_revision_can_be_downgraded_and_upgraded_again(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = Store(url)
+    try:
+        store.create_schema()
+        command.downgrade(alembic_config(url), "base")
+        with store.engine.connect() as conn:
+            assert inspect(conn).get_table_names() == ["alembic_version"]
+        command.upgrade(alembic_config(url), "head")
+        assert _differences(store) == []
+    finally:
+        store.close()
