@@ -5,18 +5,22 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Values that appear in docs and examples: never accepted as a real secret.
-_PLACEHOLDERS = {"change-me", "changeme", "secret", "password", "dev", "test", "token"}
+# Values that appear in docs, examples and leaked-password lists: never accepted as a real secret or password.
+_PLACEHOLDERS = {
+    "change-me", "changeme", "secret", "password", "dev", "test", "token", "password123", "admin", "administrator",
+    "letmein", "123456789012", "qwertyuiop12", "adminadmin12", "passwordpassword",
+}
 MIN_SECRET_LENGTH = 24
 
 
-def check_secret(value: SecretStr, name: str) -> SecretStr:
-    """Refuse empty, short or placeholder secrets, so no default can reach production."""
+def check_secret(value: SecretStr, name: str, min_length: int = MIN_SECRET_LENGTH) -> SecretStr:
+    """Refuse empty, short or placeholder secrets and passwords, so no default can reach production."""
     raw = value.get_secret_value()
-    if raw.strip().lower() in _PLACEHOLDERS or "change-me" in raw.lower():
+    lowered = raw.strip().lower()
+    if lowered in _PLACEHOLDERS or "change-me" in lowered or "changeme" in lowered:
         raise ValueError(f"{name} is a placeholder; generate one (e.g. `openssl rand -hex 32`)")
-    if len(raw) < MIN_SECRET_LENGTH:
-        raise ValueError(f"{name} must be at least {MIN_SECRET_LENGTH} characters long")
+    if len(raw) < min_length:
+        raise ValueError(f"{name} must be at least {min_length} characters long")
     return value
 
 

@@ -127,8 +127,9 @@ def openapi_document(title: str, apis: Iterable[Api]) -> dict[str, Any]:
             path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", op.rule)
             entry: dict[str, Any] = {"summary": op.summary, "responses": {"default": error}}
             if op.query is not None:
-                props = op.query.model_json_schema().get("properties", {})
-                required = set(op.query.model_json_schema().get("required", []))
+                query_schema = op.query.model_json_schema()
+                props = query_schema.get("properties", {})
+                required = set(query_schema.get("required", []))
                 entry["parameters"] = [
                     {"name": n, "in": "query", "required": n in required, "schema": s} for n, s in props.items()
                 ]

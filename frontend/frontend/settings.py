@@ -8,22 +8,6 @@ from pydantic_settings import SettingsConfigDict
 from miaas.settings import ServiceSettings, check_secret
 
 MIN_PASSWORD_LENGTH = 12
-# Passwords that appear in docs, examples and every leaked-password list: never accepted for the first admin.
-_PLACEHOLDER_PASSWORDS = {
-    "change-me", "changeme", "password", "password123", "admin", "administrator", "secret", "letmein",
-    "123456789012", "qwertyuiop12", "adminadmin12", "passwordpassword",
-}
-
-
-def check_password(value: SecretStr, name: str) -> SecretStr:
-    """Refuse short or placeholder passwords for accounts created from settings."""
-    raw = value.get_secret_value()
-    lowered = raw.strip().lower()
-    if lowered in _PLACEHOLDER_PASSWORDS or "change-me" in lowered or "changeme" in lowered:
-        raise ValueError(f"{name} is a placeholder; choose a real password")
-    if len(raw) < MIN_PASSWORD_LENGTH:
-        raise ValueError(f"{name} must be at least {MIN_PASSWORD_LENGTH} characters long")
-    return value
 
 
 class FrontendSettings(ServiceSettings):
@@ -48,4 +32,4 @@ class FrontendSettings(ServiceSettings):
     @field_validator("admin_password")
     @classmethod
     def _admin_password_is_real(cls, value: SecretStr) -> SecretStr:
-        return check_password(value, "FRONTEND_ADMIN_PASSWORD")
+        return check_secret(value, "FRONTEND_ADMIN_PASSWORD", MIN_PASSWORD_LENGTH)
