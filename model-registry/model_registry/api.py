@@ -66,6 +66,13 @@ def build_api(registry: ModelRegistry, settings: ModelRegistrySettings) -> Api:
             download_name=f"{record.name}-v{record.version}.zip", conditional=True, etag=record.sha256,
         )
 
+    @api.route("/registry/models/<model_id>/versions/<int:version>", "DELETE", status=204)
+    def delete_version(model_id: str, version: int) -> Response:
+        """Delete a version for good (409 while an alias points at it or a deployment uses it; its number is
+        never reused)."""
+        registry.delete_version(model_id, version, by=_caller())
+        return Response(status=204)
+
     @api.route("/registry/models/<model_id>/versions/<int:version>/files", response=VersionFiles)
     def list_files(model_id: str, version: int) -> VersionFiles:
         """The files of a version (path, size, sha256), from its MANIFEST.json."""

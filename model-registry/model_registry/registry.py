@@ -9,6 +9,7 @@ import re
 import shutil
 import stat
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,10 +18,11 @@ from datetime import datetime
 from pathlib import Path
 
 from miaas.bus import MODEL_EVENTS, EventBus
-from miaas.errors import BadRequest, NotFound
+from miaas.errors import BadRequest, Conflict, NotFound, Unavailable
 from miaas.schemas import Manifest, ManifestFile, ModelEvent, ModelSummary, ModelVersion, PackageMeta
 from model_registry.storage import ModelStorage, Stage, new_model_id, remove
 from model_registry.store import ModelRecord, Store, VersionRecord
+from model_registry.usage import UsageCheck
 from model_registry.validation import (
     APP,
     MANIFEST,
@@ -86,8 +88,10 @@ class ModelRegistry:
         *,
         clock: Callable[[], datetime],
         bus: EventBus | None = None,
+        usage: UsageCheck | None = None,
     ) -> None:
         self.store = store
+        self.usage = usage
         self.storage = storage
         self.limits = limits
         self.clock = clock
@@ -106,18 +110,23 @@ class ModelRegistry:
         if bad:
             raise BadRequest(bad, code="invalid_model_name")
         stage = self.storage.stage()
+        started = time.perf_counter()
         try:
             package = validate_package(upload.path, self.limits, stage.open)
             for folder in package.folders:
                 stage.make_folder(folder)
             manifest_sha256 = stage.write_manifest(_manifest(package, upload))
+            validated = time.perf_counter()
             stage.seal()
+            sealed = time.perf_counter()
             with self._locks.hold(name):
                 record = self._commit(name, stage, upload, manifest_sha256, package.meta, created_by)
         finally:
             remove(stage.path)  # already gone when it was published
         self._announce(record)
-        log.info("stored %s (%s) v%d from %s", record.model_id, name, record.version, created_by)
+        log.info("stored %s (%s) v%d from %s: %d bytes, validated and extracted in %.2f s, flushed in %.2f s, "
+                 "published in %.2f s", record.model_id, name, record.version, created_by, upload.size_bytes,
+                 validated - started, sealed - validated, time.perf_counter() - sealed)
         return Published(record, package.warnings)
 
     def edit(self, ref: str, version: int, edits: dict[str, str], created_by: str | None) -> Published:
@@ -185,6 +194,43 @@ class ModelRegistry:
     def aliases(self, ref: str) -> dict[str, int]:
         return self.store.aliases(self.model(ref).model_id)
 
+    def delete_version(self, ref: str, version: int, by: str | None) -> VersionRecord:
+        """Delete a version for good: refused (409) while an alias points at it or a deployment uses it, and
+        (503) when the controller cannot say. Its number is never given again.
+
+        The database row goes first, then the files (renamed away, then removed): a crash in between leaves
+        files no row records, which the start-up sweep removes; never a row without its files.
+        """
+        model = self.model(ref)
+        with self._locks.hold(model.name):
+            record = self.fetch(model.model_id, version)
+            aliases = self.store.aliases_of(model.model_id, version)
+            if aliases:
+                raise Conflict(
+                    f"{record.name} v{version} is what {', '.join(repr(a) for a in aliases)} points at; "
+                    "move or delete those aliases first", code="version_aliased", details={"aliases": aliases},
+                )
+            if self.usage is None:
+                raise Unavailable("cannot check whether the version is deployed: no controller is configured "
+                                  "(MODEL_REGISTRY_CONTROLLER_URL or MIAAS_SERVICE_REGISTRY_URL)",
+                                  code="controller_unavailable")
+            deployments = self.usage.deployments_of(model.model_id, version)
+            if deployments:
+                raise Conflict(
+                    f"{record.name} v{version} is in use by {len(deployments)} deployment(s) "
+                    f"({', '.join(deployments[:10])}); stop them first", code="version_in_use",
+                    details={"deployments": deployments},
+                )
+            if not self.store.delete_version(model.model_id, version):
+                raise NotFound(f"model '{ref}' has no version {version}")
+            self.storage.unpublish(model.model_id, version)
+        self._publish(ModelEvent(
+            kind="version_deleted", model_id=record.model_id, name=record.name, version=record.version,
+            sha256=record.sha256, path=str(self.path_of(record)), created_by=by, at=self.clock(),
+        ))
+        log.info("deleted %s (%s) v%d (%s)", record.model_id, record.name, version, by)
+        return record
+
     def _commit(
         self, name: str, stage: Stage, upload: ReceivedZip, manifest_sha256: str, meta: PackageMeta,
         created_by: str | None,
@@ -192,7 +238,7 @@ class ModelRegistry:
         """Number, publish and record a sealed stage; the caller holds the model's lock."""
         model = self.store.find_model_by_name(name)
         model_id = model.model_id if model is not None else new_model_id()
-        version = self.store.latest_version(model_id) + 1
+        version = self.store.next_version(model_id)
         folder = self.storage.publish(stage, upload.path, model_id, version)
         record = VersionRecord(
             model_id=model_id, name=name, version=version, path=folder.relative_to(self.storage.root).as_posix(),

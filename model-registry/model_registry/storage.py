@@ -129,14 +129,55 @@ class ModelStorage:
         return folder
 
     def unpublish(self, model_id: str, version: int) -> None:
-        """Remove a version that was published but could not be recorded."""
-        remove(self.version_dir(model_id, version))
-        remove(self.zip_path(model_id, version))
+        """Remove a version: its folder and its zip are first renamed into `.tmp` (each disappears from its place
+        at once, so a reader finds the whole version or nothing), then deleted. A crash in between leaves only
+        `.tmp` entries, which the next start removes."""
+        trash = Path(tempfile.mkdtemp(dir=self.tmp, prefix="deleted-"))
+        for path, name in ((self.version_dir(model_id, version), "folder"), (self.zip_path(model_id, version), "zip")):
+            try:
+                if path.is_dir():  # moving a folder to another parent rewrites its "..": it must be writable
+                    os.chmod(path, 0o700)
+                os.rename(path, trash / name)
+            except FileNotFoundError:
+                continue
+        _fsync(str(self.root / model_id))
+        remove(trash)
+
+    def sweep(self, recorded: set[tuple[str, int]]) -> list[str]:
+        """Remove version folders and zips the database does not record (left by a crash between the rename and
+        the commit, or between a delete's commit and its removal). Returns what was removed, relative to the root.
+
+        Only model folders (generated ids) are looked at; anything else under the root is left alone.
+        """
+        removed: list[str] = []
+        for model_dir in sorted(self.root.iterdir()):
+            if not MODEL_ID_RE.match(model_dir.name) or not model_dir.is_dir():
+                continue
+            found = [(p, _version_number(p.name, "")) for p in model_dir.iterdir()]
+            zips = model_dir / ".zips"
+            if zips.is_dir():
+                found += [(p, _version_number(p.name, ".zip")) for p in zips.iterdir()]
+            for path, version in found:
+                if version is not None and (model_dir.name, version) not in recorded:
+                    remove(path)
+                    removed.append(path.relative_to(self.root).as_posix())
+        if removed:
+            log.warning("removed %d version entries the database does not record: %s", len(removed),
+                        ", ".join(removed))
+        return removed
 
     def _model_dir(self, model_id: str, version: int) -> Path:
         if not MODEL_ID_RE.match(model_id) or version < 1:
             raise ValueError(f"not a model id and version: {model_id!r} v{version!r}")
         return self.root / model_id
+
+
+def _version_number(name: str, suffix: str) -> int | None:
+    """N of `v<N><suffix>`, else None."""
+    if not (name.startswith("v") and name.endswith(suffix)):
+        return None
+    digits = name[1:len(name) - len(suffix)]
+    return int(digits) if digits.isdigit() and digits[0] != "0" else None
 
 
 def remove(path: Path) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -70,6 +71,9 @@ class ModelRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_version: Mapped[int] = mapped_column(
+        Integer, server_default="0", doc="highest version number ever given, deleted versions included: never reused"
+    )
 
 
 class VersionRow(Base):
@@ -171,9 +175,14 @@ class Store:
     # ------------------------------------------------------------------ versions
 
     def latest_version(self, model_id: str) -> int:
-        """The highest version number of a model, 0 when it has none."""
+        """The highest version number a model has now, 0 when it has none."""
         with self._sessions() as s:
             return int(s.scalar(select(func.max(VersionRow.version)).where(VersionRow.model_id == model_id)) or 0)
+
+    def next_version(self, model_id: str) -> int:
+        """The number the model's next version gets: one past every version it ever had (deleted ones too)."""
+        with self._sessions() as s:
+            return int(s.scalar(select(ModelRow.last_version).where(ModelRow.id == model_id)) or 0) + 1
 
     def get_version(self, model_id: str, version: int | None = None) -> VersionRecord | None:
         """One version of a model; the latest when `version` is None."""
@@ -204,8 +213,17 @@ class Store:
         try:
             with self._sessions() as s, s.begin():
                 if new_model:
-                    s.add(ModelRow(id=record.model_id, name=record.name, created_at=record.created_at))
+                    s.add(ModelRow(id=record.model_id, name=record.name, created_at=record.created_at,
+                                   last_version=record.version))
                     s.flush()
+                else:
+                    moved = s.execute(
+                        update(ModelRow)
+                        .where(ModelRow.id == record.model_id, ModelRow.last_version < record.version)
+                        .values(last_version=record.version)
+                    )
+                    if not getattr(moved, "rowcount", 0):
+                        raise Conflict(f"version {record.version} of model '{record.name}' was already given; retry")
                 s.add(row)
         except IntegrityError as exc:
             raise Conflict(
@@ -213,6 +231,16 @@ class Store:
             ) from exc
         return record
 
+    def delete_version(self, model_id: str, version: int) -> bool:
+        """Forget a version (its aliases must be gone); False when there was none. The model keeps its counter."""
+        with self._sessions() as s, s.begin():
+            result = s.execute(delete(VersionRow).where(VersionRow.model_id == model_id, VersionRow.version == version))
+            return bool(getattr(result, "rowcount", 0))
+
+    def all_versions(self) -> set[tuple[str, int]]:
+        """(model id, version) of every version recorded: what the model store may hold."""
+        with self._sessions() as s:
+            return {(m, v) for m, v in s.execute(select(VersionRow.model_id, VersionRow.version))}
 
     # ------------------------------------------------------------------ aliases
 
@@ -231,6 +259,12 @@ class Store:
         with self._sessions() as s:
             row = s.get(AliasRow, (model_id, alias))
             return row.version if row is not None else None
+
+    def aliases_of(self, model_id: str, version: int) -> list[str]:
+        """The aliases that point at one version."""
+        with self._sessions() as s:
+            query = select(AliasRow.alias).where(AliasRow.model_id == model_id, AliasRow.version == version)
+            return sorted(s.scalars(query))
 
     def aliases(self, model_id: str) -> dict[str, int]:
         """The aliases of a model by name."""

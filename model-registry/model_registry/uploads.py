@@ -9,6 +9,7 @@ request ends unless it was published.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, cast
 
@@ -19,11 +20,16 @@ from model_registry.registry import ReceivedZip
 from model_registry.storage import ModelStorage, remove
 
 SPOOL = "model_registry.spool"
-FORM_OVERHEAD = 1 << 20  # multipart boundaries, part headers and the small fields around the zip
+FORM_OVERHEAD = 1 << 20
+BLOCK = 4 << 20  # multipart boundaries, part headers and the small fields around the zip
 
 
 class SpooledFile:
-    """A file being received: written straight to disk, counted against the cap and hashed on the way."""
+    """A file being received: written straight to disk, counted against the cap and hashed on the way.
+
+    The form parser writes small pieces; they are gathered into `BLOCK`-sized blocks, and each block's sha256 runs
+    on a helper thread while the next one is received and written (hashing and writing both release the GIL).
+    """
 
     def __init__(self, path: Path, file: IO[bytes], max_bytes: int) -> None:
         self.path = path
@@ -32,27 +38,46 @@ class SpooledFile:
         self.published = False
         self._file = file
         self._sha256 = hashlib.sha256()
+        self._block = bytearray()
+        self._hasher: ThreadPoolExecutor | None = None
+        self._hashing: Future[None] | None = None
 
     def write(self, data: bytes) -> int:
         self.size_bytes += len(data)
         if self.size_bytes > self.max_bytes:
             raise too_large(self.max_bytes)
-        self._sha256.update(data)
-        return self._file.write(data)
+        self._block += data
+        if len(self._block) >= BLOCK:
+            self._write_block()
+        return len(data)
+
+    def _write_block(self) -> None:
+        block, self._block = bytes(self._block), bytearray()
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload-sha256")
+        if self._hashing is not None:
+            self._hashing.result()
+        self._hashing = self._hasher.submit(self._sha256.update, block)
+        self._file.write(block)
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        self.flush()
         return self._file.seek(offset, whence)
 
     def tell(self) -> int:
-        return self._file.tell()
+        return self._file.tell() + len(self._block)
 
     def read(self, size: int = -1) -> bytes:
+        self.flush()
         return self._file.read(size)
 
     def readline(self, size: int = -1) -> bytes:
+        self.flush()
         return self._file.readline(size)
 
     def flush(self) -> None:
+        if self._block:
+            self._write_block()
         self._file.flush()
 
     def readable(self) -> bool:
@@ -69,18 +94,28 @@ class SpooledFile:
         return self._file.closed
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            if not self._file.closed:
+                self.flush()
+        finally:
+            self._file.close()
+            if self._hasher is not None:
+                self._hasher.shutdown(wait=True)
 
     def received(self) -> ReceivedZip:
         """The complete upload, closed."""
         self.close()
+        if self._hashing is not None:
+            self._hashing.result()
         return ReceivedZip(self.path, self.size_bytes, self._sha256.hexdigest())
 
     def discard(self) -> None:
         """Close, and remove the file unless it was published."""
-        self.close()
-        if not self.published:
-            remove(self.path)
+        try:
+            self.close()
+        finally:
+            if not self.published:
+                remove(self.path)
 
 
 class Spool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from flask import Flask
 
 from model_registry.settings import ModelRegistrySettings
+from model_registry.testing import authenticated, good, make_zip
 
 
 def test_settings_read_the_cluster_wide_model_store_and_their_own_prefix(
@@ -42,3 +44,28 @@ def test_the_entry_point_imports_without_touching_the_network() -> None:
     import model_registry.__main__ as main
 
     assert callable(main.main)
+
+
+def test_start_up_removes_version_files_the_database_does_not_record(
+    make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
+) -> None:
+    client = authenticated(make_app(), service_token)
+    sent = client.post("/registry/upload-and-validate", data={
+        "model_name": "iris", "file": (io.BytesIO(make_zip(good())), "m.zip", "application/zip")})
+    assert sent.status_code == 201
+    kept = Path(sent.json["model"]["path"])
+    model_dir = kept.parent
+    # what a crash between the rename and the commit leaves: a version folder and a zip with no row
+    (model_dir / "v2").mkdir(mode=0o555)
+    (model_dir / ".zips" / "v2.zip").write_bytes(b"PK")
+    (settings.model_store / "m-0123456789ab" / "v1").mkdir(parents=True)
+    (settings.model_store / "README").write_text("not ours")
+    (model_dir / "notes.txt").write_text("not a version")
+
+    make_app()
+
+    assert sorted(p.name for p in model_dir.iterdir()) == [".zips", "notes.txt", "v1"]
+    assert sorted(p.name for p in (model_dir / ".zips").iterdir()) == ["v1.zip"]
+    assert list((settings.model_store / "m-0123456789ab").iterdir()) == []
+    assert (settings.model_store / "README").read_text() == "not ours"
+    assert (kept / "MANIFEST.json").is_file()

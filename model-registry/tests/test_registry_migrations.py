@@ -67,3 +67,23 @@ def test_the_initial_revision_can_be_downgraded_and_upgraded_again(tmp_path: Pat
         assert _differences(store) == []
     finally:
         store.close()
+
+
+def test_upgrading_a_database_with_versions_continues_their_numbering(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    command.upgrade(alembic_config(url), "0001")
+    store = Store(url)
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO models (id, name, created_at) VALUES "
+                                 "('m-000000000001', 'a', '2026-01-01'), ('m-000000000002', 'b', '2026-01-01')")
+            for version in (1, 2, 5):
+                conn.exec_driver_sql(
+                    "INSERT INTO versions (model_id, version, path, sha256, size_bytes, manifest_sha256, meta_json, "
+                    f"created_at) VALUES ('m-000000000001', {version}, 'p', 's', 1, 'm', '{{}}', '2026-01-01')")
+        store.create_schema()
+        assert store.next_version("m-000000000001") == 6
+        assert store.next_version("m-000000000002") == 1
+        assert _differences(store) == []
+    finally:
+        store.close()
