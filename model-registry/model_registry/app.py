@@ -38,7 +38,8 @@ def create_app(
     store.create_schema()
     storage.sweep(store.all_versions())
     limits = Limits(
-        max_entries=settings.max_entries, max_unpacked_bytes=settings.max_unpacked_bytes, max_ratio=settings.max_ratio
+        max_entries=settings.max_entries, max_unpacked_bytes=settings.max_unpacked_bytes, max_ratio=settings.max_ratio,
+        allow_requirement_urls=settings.allow_requirement_urls,
     )
     token = settings.service_token.get_secret_value()
     registry = ModelRegistry(store, storage, limits, clock=clock, bus=bus,

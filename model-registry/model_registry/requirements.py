@@ -1,4 +1,5 @@
-"""Rules for requirements.txt: every line must look like a requirement; editable installs and local paths are refused.
+"""Rules for requirements.txt: every line must look like a requirement; editable installs and local paths are refused,
+URLs too unless the registry allows them.
 
 A deliberately small subset of pip's format (PEP 508 requirements, URLs, a few index options, --hash), checked with
 regular expressions: nothing here installs or resolves anything.
@@ -23,8 +24,16 @@ _FLAG_OPTIONS = {"--pre", "--prefer-binary", "--only-binary", "--no-binary", "--
 _FILE_OPTIONS = {"-r", "--requirement", "-c", "--constraint"}
 
 
-def requirement_problem(line: str) -> str | None:
-    """Why one logical line of requirements.txt (comments and --hash options removed) is refused, or None."""
+URLS_OFF = ("URLs are not allowed (MODEL_REGISTRY_ALLOW_REQUIREMENT_URLS is off on this registry): "
+            "name the package and its version, to be installed from the package index")
+
+
+def requirement_problem(line: str, *, allow_urls: bool = False) -> str | None:
+    """Why one logical line of requirements.txt (comments and --hash options removed) is refused, or None.
+
+    URLs (direct references, VCS links, other indexes) are refused unless `allow_urls`: they let a package pull
+    code from anywhere at install time, past any mirror or wheelhouse the cluster controls.
+    """
     if line.startswith(("-e", "--editable")):
         return "editable installs (-e) are not allowed"
     if line.startswith("-"):
@@ -32,16 +41,21 @@ def requirement_problem(line: str) -> str | None:
         if option in _FILE_OPTIONS:
             return f"{option} refers to another file; list the requirements here"
         if option in _URL_OPTIONS:
-            return None if re.match(r"^https?://", value) else f"{option} needs an http(s) URL, not a local path"
+            if not re.match(r"^https?://", value):
+                return f"{option} needs an http(s) URL, not a local path"
+            return None if allow_urls else URLS_OFF
         if option in _FLAG_OPTIONS:
             return None
         return f"option {option} is not supported"
     if _is_local(line):
         return "local paths are not allowed (publish the package or give an https URL)"
     if _SCHEME_RE.match(line):
-        return None
-    if REQUIREMENT_RE.match(line) is None:
+        return None if allow_urls else URLS_OFF
+    match = REQUIREMENT_RE.match(line)
+    if match is None:
         return "does not look like a requirement (name, extras, version specifiers, markers)"
+    if match.group("url") and not allow_urls:
+        return URLS_OFF
     return None
 
 

@@ -23,6 +23,9 @@ class ModelRegistrySettings(ServiceSettings):
     max_upload_bytes: int = Field(2 * GiB, gt=0, description="largest zip accepted; a bigger upload is a 413")
     max_entries: int = Field(10_000, gt=0, description="most entries (files and folders) in one zip")
     max_unpacked_bytes: int = Field(4 * GiB, gt=0, description="most bytes one zip may inflate to, in all")
+    allow_requirement_urls: bool = Field(
+        False, description="accept URLs in requirements.txt (direct references, VCS links, --index-url and the like)"
+    )
     controller_url: str | None = Field(
         None, description="the controller, asked whether a version is deployed before it is deleted; when unset it "
                           "is looked up in the service registry",

@@ -34,6 +34,8 @@ META, APP, REQUIREMENTS = "meta.json", "app.py", "requirements.txt"
 MANIFEST = "MANIFEST.json"
 TEXT_FILES = (META, APP, REQUIREMENTS)
 CHUNK = 4 << 20
+LOCAL_HEADER_BYTES = 30
+UTF8_NAME_FLAG = 0x800
 MODEL_ID_RE = re.compile(r"^m-[0-9a-f]{12}$")
 MAX_PROBLEMS_IN_MESSAGE = 10
 SUPPORTED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
@@ -55,6 +57,8 @@ class Limits:
     max_text_bytes: int = 4 << 20
     # Python's zipfile parses the whole central directory at once: bound it before it does.
     max_directory_bytes_per_entry: int = 1024
+    # Direct URLs, VCS links and other indexes in requirements.txt.
+    allow_requirement_urls: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,7 @@ def _validate(fp: BinaryIO, limits: Limits, write: Writer | None) -> Package:
     with zf:
         notes: list[str] = []
         entries, folders = _plan(zf.infolist(), limits, notes)
+        _check_no_overlap(zf)
         files, texts = _extract(zf, entries, limits, write)
     meta = _check_contents(files, folders, texts, limits, notes)
     return Package(meta=meta, files=tuple(files), folders=tuple(folders), warnings=tuple(notes))
@@ -293,6 +298,23 @@ def _plan(infos: list[zipfile.ZipInfo], limits: Limits, notes: list[str]) -> tup
             continue
         entries.append(_Entry(info, name))
     return entries, sorted(set(folders))
+
+
+def _check_no_overlap(zf: zipfile.ZipFile) -> None:
+    """Refuse entries whose data overlap (one local header reached from two directory records, or an entry
+    starting inside another's compressed bytes: the trick of the "overlapping" zip bombs), or run into the
+    central directory. Each entry takes at least its 30-byte local header, its name and its compressed size.
+    """
+    infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
+    if not infos:
+        return
+    ends = [i.header_offset for i in infos[1:]] + [zf.start_dir]
+    for info, limit in zip(infos, ends, strict=True):
+        name_bytes = len(info.orig_filename.encode("utf-8" if info.flag_bits & UTF8_NAME_FLAG else "cp437"))
+        end = info.header_offset + LOCAL_HEADER_BYTES + name_bytes + info.compress_size
+        if end > limit:
+            raise InvalidPackage([Problem(show(info.filename), f"{show(info.filename)!r} overlaps the next entry "
+                                                               "or the central directory (a crafted zip?)")])
 
 
 def _clashes(files: list[str], folders: list[str]) -> list[Problem]:
@@ -398,7 +420,7 @@ def _check_contents(
     if texts.get(APP) is not None:
         _check_app(texts[APP] or b"", problems, notes)
     if texts.get(REQUIREMENTS) is not None:
-        _check_requirements(texts[REQUIREMENTS] or b"", problems)
+        _check_requirements(texts[REQUIREMENTS] or b"", problems, allow_urls=limits.allow_requirement_urls)
     artifacts = meta.artifacts if meta is not None else _raw_artifacts(raw)
     _check_artifacts(artifacts, present, folders, problems)
     if problems or meta is None:
@@ -468,14 +490,14 @@ def _check_app(source: bytes, problems: list[Problem], notes: list[str]) -> None
 # --------------------------------------------------------------------------- requirements.txt
 
 
-def _check_requirements(data: bytes, problems: list[Problem]) -> None:
+def _check_requirements(data: bytes, problems: list[Problem], *, allow_urls: bool) -> None:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         problems.append(Problem(REQUIREMENTS, f"{REQUIREMENTS} is not UTF-8 text: {exc}"))
         return
     for number, line in logical_lines(text):
-        why = requirement_problem(line)
+        why = requirement_problem(line, allow_urls=allow_urls)
         if why:
             problems.append(Problem(REQUIREMENTS, f"{REQUIREMENTS} line {number}: {show(line[:120])!r}: {why}"))
 

@@ -282,13 +282,30 @@ def test_app_py_is_compiled_never_run() -> None:
     "line",
     [
         "flask", "flask>=3.0", "numpy==1.26.4", "Flask[async] >=3.0, <4", "torch~=2.3 ; python_version >= '3.10'",
-        "pkg @ https://example.org/pkg-1.0-py3-none-any.whl", "git+https://github.com/org/repo@v1#egg=repo",
-        "--index-url https://pypi.example.org/simple", "--extra-index-url=https://download.pytorch.org/whl/cpu",
         "--prefer-binary", "requests==2.32.0 --hash=sha256:abcdef",
     ],
 )
 def test_requirement_lines_that_are_accepted(line: str) -> None:
     assert requirement_problem(line.split(" --hash")[0]) is None
+
+
+URL_LINES = [
+    "pkg @ https://example.org/pkg-1.0-py3-none-any.whl", "git+https://github.com/org/repo@v1#egg=repo",
+    "--index-url https://pypi.example.org/simple", "--extra-index-url=https://download.pytorch.org/whl/cpu",
+    "https://example.org/pkg-1.0.tar.gz",
+]
+
+
+@pytest.mark.parametrize("line", URL_LINES)
+def test_urls_are_refused_unless_the_registry_allows_them(line: str) -> None:
+    assert "URLs are not allowed" in (requirement_problem(line) or "")
+    assert requirement_problem(line, allow_urls=True) is None
+
+
+def test_a_package_with_a_url_passes_when_the_limits_allow_urls() -> None:
+    package = good({"requirements.txt": "pkg @ https://example.org/pkg-1.0-py3-none-any.whl\n"})
+    assert "URLs are not allowed" in refused(package).message
+    validate(package, Limits(allow_requirement_urls=True))
 
 
 @pytest.mark.parametrize(
