@@ -117,6 +117,15 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"] == ["setosa", "virginica"]
 
+    # the registry refuses to delete the version while the controller says it is deployed
+    registry = cluster.url("model-registry")
+    version_url = f"{registry}/registry/models/iris/versions/{model['version']}"
+    assert requests.delete(f"{registry}/registry/models/iris/aliases/production", headers=auth(cluster),
+                           timeout=10).status_code == 204
+    in_use = requests.delete(version_url, headers=auth(cluster), timeout=30)
+    assert in_use.status_code == 409, in_use.text
+    assert d["deployment_id"] in in_use.json()["error"]["message"]
+
     # when it is stopped, its URL stops answering
     stopped = requests.post(f"{cluster.url('controller')}/controller/stop", headers=auth(cluster),
                             json={"deployment_id": d["deployment_id"]}, timeout=60)
@@ -128,6 +137,10 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     # and every state change went over deployment-events
     seen = events_of(broker, d["deployment_id"], until="stopped")
     assert seen[:2] == ["provisioning", "running"] and seen[-1] == "stopped", seen
+
+    # once stopped, the version can be deleted for good
+    assert requests.delete(version_url, headers=auth(cluster), timeout=30).status_code == 204
+    assert requests.get(version_url + "/files", headers=auth(cluster), timeout=10).status_code == 404
 
 
 def zip_without(package: Path, missing: str) -> bytes:
