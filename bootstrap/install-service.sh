@@ -26,6 +26,11 @@ if grep -qE '^(MIAAS_SERVICE_TOKEN|FRONTEND_SECRET_KEY|FRONTEND_ADMIN_PASSWORD)=
 fi
 chmod 600 "$env_file"
 
+# A restarted agent finds its VMs again: their port forwarders (ssh processes vagrant-libvirt started) must outlive
+# it, so systemd stops only the agent's main process. Other services take their whole group down with them.
+kill_mode=mixed
+[ "$service" = agent ] && kill_mode=process
+
 src=$(cd "$(dirname "$0")/.." && pwd)
 id miaas >/dev/null 2>&1 || useradd --system --home /var/lib/miaas --create-home --shell /usr/sbin/nologin miaas
 install -d -o miaas -g miaas -m 0750 /var/lib/miaas
@@ -48,7 +53,7 @@ EnvironmentFile=$env_file
 ExecStart=/opt/miaas/venv/bin/python -m $module
 Restart=on-failure
 RestartSec=2
-KillMode=mixed
+KillMode=$kill_mode
 TimeoutStopSec=30
 NoNewPrivileges=true
 

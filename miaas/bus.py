@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +23,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from miaas.schemas import AgentMetrics, ConsumerStats, DeploymentEvent, ModelEvent
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,19 @@ class TopicSpec:
     name: str
     partitions: int
     description: str
+    schema: type[BaseModel] | None = None  # the wire message every value is
+    snapshot_key: str | None = None  # a stream of snapshots: the field that is the key; the latest of a key wins
 
 
 TOPICS = (
-    TopicSpec(SYSTEM_METRICS, 3, "agent metrics every few seconds (key: agent id)"),
-    TopicSpec(DEPLOYMENT_EVENTS, 3, "every state change of a deployment (key: deployment id)"),
-    TopicSpec(MODEL_EVENTS, 1, "model versions created and deleted (key: model id)"),
+    TopicSpec(SYSTEM_METRICS, 3, "agent metrics every few seconds (key: agent id)", AgentMetrics, "agent_id"),
+    TopicSpec(DEPLOYMENT_EVENTS, 3, "every state change of a deployment (key: deployment id)", DeploymentEvent),
+    TopicSpec(MODEL_EVENTS, 1, "model versions created and deleted (key: model id)", ModelEvent),
 )
+# The wire schema of each topic, for `PartitionConsumer(schemas=...)`.
+SCHEMAS: dict[str, type[BaseModel]] = {t.name: t.schema for t in TOPICS if t.schema is not None}
+# The snapshot topics and their key field, for `PartitionConsumer(latest_only=...)`.
+SNAPSHOTS: dict[str, str] = {t.name: t.snapshot_key for t in TOPICS if t.snapshot_key is not None}
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec] = TOPICS, timeout: float = 15.0) -> None:
@@ -133,39 +141,186 @@ class MemoryBus:
             return [m for t, _, m in self.messages if t == topic]
 
 
-@dataclass
 class Received:
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    value: dict[str, Any]
+    """One message read from the bus: where it came from, its key, and its JSON object or validated message.
+
+    On a topic consumed with a schema, `message` holds the validated wire message and `value` parses the raw bytes
+    again only if asked; otherwise `value` holds the JSON object and `message` is None.
+    """
+
+    __slots__ = ("topic", "partition", "offset", "key", "message", "_value", "_raw")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: str | None,
+        value: dict[str, Any] | None = None,
+        message: BaseModel | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.message = message
+        self._value = value
+        self._raw = raw
+
+    @property
+    def value(self) -> dict[str, Any]:
+        if self._value is None:
+            if self._raw is not None:
+                self._value = _json_object(self._raw)
+            elif self.message is not None:
+                self._value = self.message.model_dump(mode="json")
+            else:
+                self._value = {}
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Received({self.topic}[{self.partition}]@{self.offset}, key={self.key!r})"
+
+
+class NotAnObject(ValueError):
+    """Valid JSON that is not an object: every wire message is one."""
+
+
+class KeyMismatch(ValueError):
+    """A message of a `latest_only` topic whose key is not its subject (an agent's metrics keyed by another id)."""
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise NotAnObject(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
+# Why a message was skipped (the keys of ConsumerStats.skipped_by_reason).
+TOO_LARGE = "too_large"  # over MAX_MESSAGE_BYTES: never parsed
+BAD_JSON = "bad_json"  # not UTF-8 JSON, or JSON that is not an object, or no value at all
+SCHEMA_VERSION = "schema_version"  # a schema_version this code does not know
+NOT_FINITE = "not_finite"  # NaN or infinity where a number is expected
+OUT_OF_RANGE = "out_of_range"  # a number below or above its bounds: negative CPU %, memory, capacity, interval
+INVALID = "invalid"  # anything else the schema refuses: a missing field, a wrong type
+HANDLER_ERROR = "handler_error"  # valid, but the handler raised
+SKIP_REASONS = (TOO_LARGE, BAD_JSON, SCHEMA_VERSION, NOT_FINITE, OUT_OF_RANGE, INVALID, HANDLER_ERROR)
+_RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
+
+
+def skip_reason(exc: BaseException) -> tuple[str, str]:
+    """The reason (one of SKIP_REASONS) a message that raised `exc` is skipped, and a short detail."""
+    if isinstance(exc, (NotAnObject, UnicodeDecodeError, json.JSONDecodeError)):
+        return BAD_JSON, str(exc)[:200]
+    if isinstance(exc, KeyMismatch):
+        return INVALID, str(exc)[:200]
+    if not isinstance(exc, ValidationError):
+        return HANDLER_ERROR, f"{exc.__class__.__name__}: {str(exc)[:200]}"
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0] if errors else {"type": "", "loc": (), "msg": ""}
+    detail = f"{'.'.join(map(str, first['loc'])) or '(message)'}: {first['msg'][:200]}"
+    if len(errors) > 1:
+        detail += f" (and {len(errors) - 1} more)"
+    kinds = {e["type"] for e in errors}
+    if "json_invalid" in kinds or any(e["type"] in ("model_type", "dict_type") and not e["loc"] for e in errors):
+        return BAD_JSON, detail
+    if any(e["loc"][:1] == ("schema_version",) for e in errors):
+        return SCHEMA_VERSION, detail
+    if "finite_number" in kinds:
+        return NOT_FINITE, detail
+    if kinds & _RANGE_ERRORS:
+        return OUT_OF_RANGE, detail
+    return INVALID, detail
+
+
+class SkipLog:
+    """Logs skipped messages without flooding: per reason, one line at once, then at most one every `every_s`
+    saying how many more there were meanwhile (and the last of them)."""
+
+    def __init__(self, name: str, every_s: float = 10.0) -> None:
+        self.name = name
+        self.every_s = every_s
+        self._logged_at: dict[str, float] = {}
+        self._held: dict[str, tuple[int, str]] = {}
+
+    def skipped(self, reason: str, what: str, now: float) -> None:
+        last = self._logged_at.get(reason)
+        if last is not None and now - last < self.every_s:
+            held, _ = self._held.get(reason, (0, ""))
+            self._held[reason] = (held + 1, what)
+            return
+        self._logged_at[reason] = now
+        log.warning("%s: %s: %s", self.name, reason, what)
+
+    def flush(self, now: float) -> None:
+        """Log the counts held back for longer than `every_s`; cheap when nothing is held."""
+        if not self._held:
+            return
+        for reason, (held, what) in list(self._held.items()):
+            if now - self._logged_at[reason] >= self.every_s:
+                del self._held[reason]
+                self._logged_at[reason] = now
+                log.warning("%s: %d more %s in %.0fs; the last: %s", self.name, held, reason, self.every_s, what)
 
 
 class PartitionConsumer:
     """Consumes every partition of some topics with `assign()`: no consumer-group join delay.
 
-    Each message's JSON is handed to `handler`; a message that is not a JSON object, is too large, or
-    makes the handler raise is logged, counted in `skipped` and passed over: never a crash loop.
+    Messages are read in batches. Each is checked (size, then JSON, or its wire schema when `schemas` names one
+    for its topic) and handed on: one at a time to `handler`, or a batch at a time to `batch_handler` (as an
+    iterator that checks each message when the handler asks for it; the handler must read it to the end).
+
+    A poison message (too large, bad JSON, an unknown schema version, NaN, a negative capacity...) or one that makes
+    the handler raise is counted per reason (`skipped_by_reason`, `stats()`), logged without flooding and passed
+    over: never a crash loop, and the messages after it are consumed. A batch handler must be idempotent per
+    message: when it raises, the batch is handed over again one message at a time to find the culprit.
+
+    `latest_only` names snapshot topics, each with the field of its message that is the key (`system-metrics`:
+    `agent_id`): within a batch only the latest message of a key is read; the earlier ones it replaces are passed
+    over unread and counted in `superseded`, as log compaction would (if the latest is poison, the one before it
+    is read instead). A message whose key is not that field is skipped as invalid.
     """
 
     def __init__(
         self,
         bootstrap: str,
         topics: Iterable[str],
-        handler: Callable[[Received], None],
+        handler: Callable[[Received], None] | None = None,
         *,
+        batch_handler: Callable[[Iterator[Received]], None] | None = None,
+        schemas: Mapping[str, type[BaseModel]] | None = None,
+        latest_only: Mapping[str, str] | None = None,
         start: str = "end",
         group_id: str = "miaas",
+        batch_size: int = 500,
+        log_every_s: float = 10.0,
     ) -> None:
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give one of handler and batch_handler")
         self.bootstrap = bootstrap
         self.topics = list(topics)
         self.handler = handler
+        self.batch_handler = batch_handler
+        self.schemas = dict(schemas or {})
+        self.latest_only = dict(latest_only or {})
+        if any(t not in self.schemas for t in self.latest_only):
+            raise ValueError("a latest_only topic needs a schema: its key field is checked")
+        # What `_decode` needs of a topic, in one lookup: the schema's validator of JSON bytes, and the key field.
+        self._checks = {t: (m.__pydantic_validator__.validate_json, self.latest_only.get(t))
+                        for t, m in self.schemas.items()}
         self.start_at = OFFSET_BEGINNING if start == "beginning" else OFFSET_END
         self.group_id = group_id
+        self.batch_size = batch_size
         self.consumed = 0
+        self.superseded = 0
         self.skipped = 0
+        self.skipped_by_reason: dict[str, int] = {}
+        self.last_skipped: str | None = None
         self.ready = threading.Event()
+        self._skip_log = SkipLog("skipped a message on " + "+".join(self.topics), log_every_s)
+        self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -178,6 +333,19 @@ class PartitionConsumer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    @property
+    def handled(self) -> int:
+        """Messages done with: handed over, superseded or skipped."""
+        return self.consumed + self.superseded + self.skipped
+
+    def stats(self) -> ConsumerStats:
+        """What this consumer has handled and skipped so far, per reason."""
+        with self._stats_lock:
+            return ConsumerStats(
+                topics=self.topics, consumed=self.consumed, superseded=self.superseded, skipped=self.skipped,
+                skipped_by_reason=dict(self.skipped_by_reason), last_skipped=self.last_skipped,
+            )
 
     def _assignment(self, consumer: Consumer) -> list[TopicPartition]:
         meta = consumer.list_topics(timeout=10)
@@ -209,34 +377,122 @@ class PartitionConsumer:
                     self._stop.wait(1.0)
             self.ready.set()
             while not self._stop.is_set():
-                for msg in consumer.consume(num_messages=500, timeout=0.2):
-                    self._handle(msg)
+                try:
+                    batch = consumer.consume(num_messages=self.batch_size, timeout=0.2)
+                    if batch:
+                        self._handle_batch(batch)
+                except Exception:  # noqa: BLE001 - the consumer outlives any error; offsets have moved on
+                    log.exception("consumer of %s failed; going on in a second", self.topics)
+                    self._stop.wait(1.0)
+                self._skip_log.flush(time.monotonic())
         finally:
             consumer.close()
 
-    def _handle(self, msg: Any) -> None:
-        if msg.error() is not None:
-            if msg.error().code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", msg.error())
+    def _handle_batch(self, batch: list[Any]) -> None:
+        bad: set[int] = set()  # positions found poison: never read (or counted) twice
+        tally: dict[str, int] = {}
+        if self.batch_handler is None:
+            assert self.handler is not None
+            for r in self._select(batch, bad, tally):
+                self._deliver(r, self.handler)
+            with self._stats_lock:
+                self.superseded += tally.get("superseded", 0)
             return
-        raw = msg.value() or b""
-        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-        if len(raw) > MAX_MESSAGE_BYTES:
-            self._skip(where, f"{len(raw)} bytes is over the {MAX_MESSAGE_BYTES} byte limit")
-            return
+        # The batch handler gets an iterator that validates each message as it is asked for it, so a message is
+        # folded (and the one it replaces freed) before the next is built: no batch of models alive at once.
+        messages = self._select(batch, bad, tally)
         try:
-            value = json.loads(raw)
-            if not isinstance(value, dict):
-                raise ValueError("not a JSON object")
-            key = msg.key().decode("utf-8", "replace") if msg.key() else None
-            self.handler(Received(msg.topic(), msg.partition(), msg.offset(), key, value))
+            self.batch_handler(messages)
+            for _ in messages:  # a handler that stopped early has not seen these: hand them over one by one
+                raise RuntimeError("batch handler did not read its whole batch")
+            self.consumed += tally["handed"]
+        except Exception:  # noqa: BLE001 - find the message that made it raise: the batch again, one at a time
+            messages.close()
+            handle = self.batch_handler
+            for r in self._select(batch, bad, tally):
+                self._deliver(r, lambda r: handle(iter((r,))))
+        with self._stats_lock:
+            self.superseded += tally.get("superseded", 0)
+
+    def _select(self, batch: list[Any], bad: set[int], tally: dict[str, int]) -> Generator[Received, None, None]:
+        """The messages of a batch to hand over, in order, each checked when asked for; poison ones skipped (and
+        added to `bad`), superseded ones of `latest_only` topics passed over. Once all are read, `tally` says how
+        many were handed over and how many superseded."""
+        previous: dict[int, int] = {}  # position -> position of the message with the same key before it
+        superseded: set[int] = set()
+        if self.latest_only:
+            # Keyed per topic by the key bytes alone: no tuple per message (allocations that outlive a message
+            # are what make the garbage collector walk the models just folded).
+            last: dict[str, dict[bytes, int]] = {topic: {} for topic in self.latest_only}
+            for i, msg in enumerate(batch):
+                of_topic = last.get(msg.topic())
+                if of_topic is not None and (key := msg.key()) is not None and msg.error() is None:
+                    j = of_topic.get(key)
+                    if j is not None:
+                        previous[i] = j
+                        superseded.add(j)
+                    of_topic[key] = i
+            del last
+        handed = 0
+        for i, msg in enumerate(batch):
+            if i in superseded:
+                continue
+            while True:
+                r = None if i in bad else self._decode(msg)
+                if r is not None:
+                    handed += 1
+                    yield r
+                    break
+                bad.add(i)
+                j = previous.get(i)
+                if j is None:
+                    break
+                superseded.discard(j)  # the latest was poison: the one before it is read after all
+                i, msg = j, batch[j]
+        tally["handed"], tally["superseded"] = handed, len(superseded)
+
+    def _deliver(self, r: Received, handle: Callable[[Received], None]) -> None:
+        try:
+            handle(r)
             self.consumed += 1
         except Exception as exc:  # noqa: BLE001 - a poison message must never stop the consumer
-            self._skip(where, f"{exc.__class__.__name__}: {str(exc)[:300]}")
+            self._skip(f"{r.topic}[{r.partition}]@{r.offset}", *skip_reason(exc))
 
-    def _skip(self, where: str, why: str) -> None:
-        self.skipped += 1
-        log.warning("skipped message %s: %s", where, why)
+    def _decode(self, msg: Any) -> Received | None:
+        """The message ready for the handler, or None when it is skipped (counted and logged) or an error."""
+        error = msg.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                self._skip_log.skipped("broker_error", str(error), time.monotonic())
+            return None
+        raw = msg.value()
+        topic = msg.topic()
+        if raw is None or len(raw) > MAX_MESSAGE_BYTES:
+            why = "no value" if raw is None else f"{len(raw):,} bytes, over the {MAX_MESSAGE_BYTES:,} byte limit"
+            self._skip(f"{topic}[{msg.partition()}]@{msg.offset()}", BAD_JSON if raw is None else TOO_LARGE, why)
+            return None
+        try:
+            key = msg.key()
+            key = key.decode("utf-8", "replace") if key is not None else None
+            checks = self._checks.get(topic)
+            if checks is None:
+                return Received(topic, msg.partition(), msg.offset(), key, value=_json_object(raw))
+            validate_json, field = checks
+            message = validate_json(raw)  # Model.model_validate_json without its Python wrapper
+            if field is not None and key is not None and getattr(message, field) != key:
+                raise KeyMismatch(f"key {key[:100]!r} is not the message's {field} {getattr(message, field)!r}")
+            return Received(topic, msg.partition(), msg.offset(), key, message=message, raw=raw)
+        except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are counted and passed over
+            self._skip(f"{topic}[{msg.partition()}]@{msg.offset()}", *skip_reason(exc))
+            return None
+
+    def _skip(self, where: str, reason: str, why: str) -> None:
+        what = f"{where}: {why}"
+        with self._stats_lock:
+            self.skipped += 1
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+            self.last_skipped = f"{reason} {what}"
+        self._skip_log.skipped(reason, what, time.monotonic())
 
 
 def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
 from miaas.bus import ensure_topics
@@ -31,6 +32,8 @@ class Proc:
     process: subprocess.Popen[bytes]
     url: str | None
     log: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -141,11 +144,11 @@ class LocalCluster:
             agent_id = f"agent-{i}"
             port = pick_port(host, AGENT_BASE_PORT + i if self.ports.get("controller") else 0)
             ports[agent_id] = port
-            self._service(agent_id, "agent", "AGENT", ports, base, timeout,
-                          AGENT_AGENT_ID=agent_id, AGENT_STATE_DIR=str(state / agent_id),
-                          AGENT_VENV_CACHE_DIR=str(state / "venvs"),
-                          AGENT_PORT_RANGE=f"{20000 + 1000 * i}-{20999 + 1000 * i}",
-                          AGENT_METRICS_INTERVAL_S="2", **extra)
+            self._service(agent_id, "agent", "AGENT", ports, base, timeout, **{
+                "AGENT_AGENT_ID": agent_id, "AGENT_STATE_DIR": str(state / agent_id),
+                "AGENT_VENV_CACHE_DIR": str(state / "venvs"),
+                "AGENT_PORT_RANGE": f"{20000 + 1000 * i}-{20999 + 1000 * i}",
+                "AGENT_METRICS_INTERVAL_S": "2", **extra})
         self._service("frontend", "frontend", "FRONTEND", ports, base, timeout,
                       FRONTEND_DATABASE_URL=f"sqlite:///{state / 'frontend.db'}")
 
@@ -164,7 +167,7 @@ class LocalCluster:
             start_new_session=True, cwd=self.state_dir,
         )
         out.close()
-        self.processes.append(Proc(name, proc, url, log))
+        self.processes.append(Proc(name, proc, url, log, args, env))
 
     def _check_alive(self, name: str) -> None:
         for p in self.processes:
@@ -205,6 +208,35 @@ class LocalCluster:
 
     def dead(self) -> list[Proc]:
         return [p for p in self.processes if p.process.poll() is not None]
+
+    def proc(self, name: str) -> Proc:
+        for p in self.processes:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send a signal to one service's process only (not to what it started): SIGKILL, SIGSTOP, SIGCONT..."""
+        os.kill(self.proc(name).process.pid, sig)
+
+    def crash(self, name: str) -> None:
+        """SIGKILL one service and every process it started (its models too): a machine that dies at once."""
+        proc = self.proc(name).process
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        proc.wait()
+
+    def restart(self, name: str, timeout: float = 60.0, grace: float = 15.0) -> None:
+        """Start one service again with the same command, environment and port (stopping it first if it runs)."""
+        old = self.proc(name)
+        _terminate(old.process, grace)
+        self.processes.remove(old)
+        self._spawn(name, old.args, old.env, old.url)
+        if old.url:
+            self._wait_health(name, old.url, timeout)
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:

@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -48,6 +48,30 @@ class DeploymentStatus(enum.StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in (DeploymentStatus.STOPPED, DeploymentStatus.FAILED)
+
+
+PriorityName = Literal["low", "normal", "high", "critical"]
+PRIORITIES: tuple[PriorityName, ...] = ("low", "normal", "high", "critical")
+"""Priorities of deployments, lowest first: a name's index is its rank (0-3)."""
+
+
+def priority_name(value: object) -> object:
+    """A priority given as a name (any case) or a rank 0-3, as its name; anything else is left to validation."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and 0 <= value < len(PRIORITIES):
+        return PRIORITIES[value]
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text.isdigit() and int(text) < len(PRIORITIES):
+            return PRIORITIES[int(text)]
+        return text
+    return value
+
+
+def priority_rank(name: PriorityName) -> int:
+    """0 (low) to 3 (critical)."""
+    return PRIORITIES.index(name)
 
 
 # --------------------------------------------------------------------------- model package
@@ -118,6 +142,7 @@ class DeploymentReport(Wire):
     deployment_id: str
     status: DeploymentStatus
     url: str | None = None
+    generation: int | None = Field(None, ge=0, description="the placement this copy belongs to (see Deployment)")
 
 
 class AgentMetrics(Wire):
@@ -130,8 +155,8 @@ class AgentMetrics(Wire):
     capacity: AgentCapacity
     load: AgentLoad
     deployments: list[DeploymentReport] = Field(default_factory=list)
-    interval_s: float = Field(5.0, gt=0, allow_inf_nan=False)
-    sent_at: datetime
+    interval_s: float = Field(5.0, gt=0, le=3600, allow_inf_nan=False, description="seconds to the next message")
+    sent_at: AwareDatetime
 
 
 # --------------------------------------------------------------------------- Kafka: deployment-events
@@ -148,6 +173,28 @@ class DeploymentEvent(Wire):
     reason: str | None = None
     source: str = Field(description="the service that made the change: agent or controller")
     at: datetime
+    generation: int | None = Field(None, ge=0, description="the placement the change belongs to (see Deployment)")
+
+
+# --------------------------------------------------------------------------- Kafka: consumers
+
+
+class ConsumerStats(Wire):
+    """What one consumer of the bus has handled, and the poison messages it skipped, per reason."""
+
+    topics: list[str]
+    consumed: int = Field(description="messages handed to the service")
+    superseded: int = Field(0, description="snapshots passed over unread: a later one of the same key came with them")
+    skipped: int = Field(description="messages passed over: too large, bad JSON, unknown schema version, invalid...")
+    skipped_by_reason: dict[str, int] = Field(
+        default_factory=dict,
+        description="too_large, bad_json, schema_version, not_finite, out_of_range, invalid, handler_error",
+    )
+    last_skipped: str | None = Field(None, description="reason, topic[partition]@offset and why, of the latest")
+
+
+class BusStats(Wire):
+    consumers: list[ConsumerStats]
 
 
 # --------------------------------------------------------------------------- service registry
@@ -209,6 +256,7 @@ class ModelSummary(Wire):
 
 class ModelList(Wire):
     models: list[ModelSummary]
+    total: int | None = Field(None, description="models matching the query, before offset and limit")
 
 
 class FetchModelQuery(Request):
@@ -270,10 +318,10 @@ class AliasRequest(Request):
 
 
 class ModelEvent(Wire):
-    """Message on `model-events` (key: model id): a version was created, or an alias now points at a version."""
+    """Message on `model-events` (key: model id): a version was created or deleted, or an alias moved."""
 
     schema_version: Literal[1] = 1
-    kind: Literal["version_created", "alias_moved"] = "version_created"
+    kind: Literal["version_created", "version_deleted", "alias_moved"] = "version_created"
     model_id: str
     name: str
     version: int
@@ -292,6 +340,14 @@ class DeployRequest(Request):
     version: int | None = Field(None, ge=1, description="latest when omitted")
     alias: str | None = Field(None, min_length=1, max_length=32, description="a version alias, e.g. production")
     runtime: str | None = Field(None, min_length=1, max_length=32, description="controller's default when omitted")
+    priority: PriorityName = Field(
+        "normal", description="low | normal | high | critical (or 0-3): queue order, and who may preempt whom"
+    )
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_by_name_or_rank(cls, value: object) -> object:
+        return priority_name(value)
 
 
 class DeployQuery(Request):
@@ -302,10 +358,49 @@ class StopRequest(Request):
     deployment_id: str = Field(min_length=1, max_length=64)
 
 
+Strategy = Literal["spread", "binpack"]
+
+
 class CandidateExplanation(Wire):
+    """One agent in a placement explanation: its load score when it fits, or why it was turned away.
+
+    `free_cpus_after` and `free_memory_mb_after` are what binpack ranks by (lower wins), so a reader sees why
+    a busier agent was chosen; spread ranks by `score` and leaves them out.
+    """
+
     agent_id: str
     score: float | None = None
     rejected: str | None = None
+    free_cpus_after: float | None = None
+    free_memory_mb_after: float | None = None
+
+
+class RejectionCount(Wire):
+    """Agents turned away for one reason: how many, and a few of them (the ones shortest of what was asked)."""
+
+    code: Literal["state", "runtime", "cpus", "memory_mb", "gpus", "gpu_memory_mb"]
+    reason: str = Field(description="reads after the count: '9,000 with fewer than 2 CPUs free'")
+    count: int = Field(ge=1)
+    examples: list[str]
+
+
+class PlacementExplanation(Wire):
+    """Why placement chose an agent, or none, in a size that does not grow with the cluster.
+
+    Small snapshots (`complete`) list every agent: the fitting ones best first, then the rejected ones by id.
+    Larger ones list the chosen agent and the next best few. `rejections` always counts every agent turned away:
+    states and runtime partition the agents; each resource counts, among the live agents offering the runtime,
+    those short of it, so an agent short of several resources is counted under each.
+    """
+
+    strategy: Strategy
+    agents: int = Field(description="agents in the snapshot")
+    eligible: int = Field(description="live agents offering the runtime: those the resource filters judged")
+    chosen: str | None = None
+    candidates: list[CandidateExplanation] = Field(default_factory=list)
+    complete: bool = Field(description="candidates lists every agent of the snapshot")
+    rejections: list[RejectionCount] = Field(default_factory=list)
+    decided_at: datetime | None = None
 
 
 class Deployment(Wire):
@@ -319,6 +414,12 @@ class Deployment(Wire):
     reason: str | None = None
     runtime: str = "process"
     placement: list[CandidateExplanation] = Field(default_factory=list)
+    placement_explanation: PlacementExplanation | None = Field(
+        None, description="the whole explanation (with rejection counts); `placement` repeats its candidates"
+    )
+    priority: PriorityName = "normal"
+    generation: int = Field(0, ge=0, description="how many times it was placed; commands and reports carry it")
+    attempts: int = Field(0, ge=0, description="commands to its agent that failed since it was last placed")
     created_at: datetime
     updated_at: datetime
 
@@ -351,10 +452,17 @@ class CreateVmRequest(Request):
     model_id: str
     version: int = Field(ge=1)
     runtime: str = "process"
+    generation: int = Field(
+        0, ge=0, description="the controller's placement number: a repeat (same or older) is answered with what is "
+        "held; a newer one restarts a copy that was stopped or failed here"
+    )
 
 
 class StopVmRequest(Request):
     deployment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    generation: int | None = Field(
+        None, ge=0, description="stop only a copy of this placement or older; a newer copy is left running"
+    )
 
 
 class AgentDeployment(Wire):
@@ -366,6 +474,7 @@ class AgentDeployment(Wire):
     url: str | None = None
     port: int | None = None
     reason: str | None = None
+    generation: int = 0
 
 
 class HealthResponse(Wire):

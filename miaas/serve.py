@@ -87,10 +87,11 @@ def run_service(
     on_start: Callable[[str], None] | None = None,
     on_stop: Callable[[], None] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    threads: int = 16,
 ) -> None:
     """Run a service process: serve, register with the service registry, and stop cleanly on SIGTERM/SIGINT."""
     configure_logging(settings.log_level)
-    server = Server(app, settings.host, settings.port, max_body_bytes=max_body_bytes)
+    server = Server(app, settings.host, settings.port, threads=threads, max_body_bytes=max_body_bytes)
     public_url = settings.public_url or server.url
     app.config["PUBLIC_URL"] = public_url
     if on_start is not None:

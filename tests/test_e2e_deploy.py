@@ -167,8 +167,8 @@ def test_deploying_an_unknown_model_is_a_404(cluster: LocalCluster) -> None:
     assert "m-does-not-exist" in resp.json()["error"]["message"]
 
 
-def test_no_live_agent_is_a_503_with_the_reason(cluster: LocalCluster, package: Path, tmp_path: Path,
-                                                 broker: str) -> None:
+def test_no_live_agent_means_pending_with_the_reason(cluster: LocalCluster, package: Path, tmp_path: Path,
+                                                      broker: str) -> None:
     # given a model in the registry and a controller that has seen no agent
     model = upload(cluster, "iris-lonely", package.read_bytes()).json()["model"]
     settings = ControllerSettings(service_token=cluster.token, kafka_bootstrap=broker,
@@ -176,8 +176,10 @@ def test_no_live_agent_is_a_503_with_the_reason(cluster: LocalCluster, package: 
     app = create_controller(settings, locate=lambda name: cluster.url(name))
     client = app.test_client()
     resp = client.post("/controller/deploy", json={"model_id": model["model_id"]}, headers=auth(cluster))
-    assert resp.status_code == 503
-    assert resp.json["error"]["message"].startswith("no live agent")
+    # then it is accepted and waits in the queue, saying why
+    assert resp.status_code == 202
+    assert resp.json["status"] == "pending"
+    assert resp.json["reason"].startswith("no live agent")
 
 
 @pytest.mark.parametrize("service, method, path", [

@@ -13,7 +13,7 @@ from agent.fetch import FetchModel, RegistryFetcher
 from agent.manager import DeploymentManager
 from agent.metrics import GpuProbe, MetricsCollector, MetricsPublisher
 from agent.ports import PortAllocator
-from agent.runtimes import Runtime, build_runtimes
+from agent.runtimes import Recoverable, Runtime, build_runtimes
 from agent.settings import AgentSettings
 from miaas.bus import EventBus
 from miaas.web import create_service_app
@@ -67,12 +67,17 @@ def create_app(
         clock=clock,
         stop_timeout_s=settings.stop_grace_s + 30,
     )
+    for name, runtime in manager.runtimes.items():
+        if isinstance(runtime, Recoverable):  # VMs outlive an agent restart: find them again, never launch twice
+            manager.adopt(name, runtime.recover())
     collector = MetricsCollector(
         agent_id=settings.agent_id,
         runtimes=list(manager.runtimes),
         disk_path=settings.state_dir,
         interval_s=settings.metrics_interval_s,
         extra_load_percent=settings.extra_load_percent,
+        capacity_cpus=settings.capacity_cpus,
+        capacity_memory_mb=settings.capacity_memory_mb,
         gpus=gpus,
         clock=clock,
     )

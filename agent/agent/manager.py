@@ -2,7 +2,9 @@
 
 Every state change is published on `deployment-events` (key: deployment id) in the order it happens.
 Commands are idempotent by deployment id: a repeated create returns the deployment already held, a repeated
-stop the stopped one.
+stop the stopped one. The controller numbers each placement of a deployment (`generation`): a create of a newer
+generation restarts a copy that was stopped or failed here (the deployment came back to this agent), and a stop
+of an older generation leaves a newer copy running.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from pydantic import Field
 from agent.errors import AgentError, ProvisionCancelled, ProvisionFailed
 from agent.fetch import FetchModel
 from agent.ports import PortAllocator
-from agent.runtimes.base import DeploymentSpec, Runtime
+from agent.runtimes.base import DeploymentSpec, RecoveredDeployment, Runtime
 from agent.verify import verify_version
 from miaas.bus import DEPLOYMENT_EVENTS, EventBus
-from miaas.errors import BadRequest, Conflict, NotFound
+from miaas.errors import BadRequest, Conflict, NotFound, Unavailable
 from miaas.schemas import AgentDeployment, CreateVmRequest, DeploymentEvent, DeploymentReport, DeploymentStatus, Wire
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class _Record:
     ports: dict[str, int]
     status: DeploymentStatus = S.PROVISIONING
     reason: str | None = None
+    generation: int = 0
     thread: threading.Thread | None = None
     settled: threading.Event = field(default_factory=threading.Event)
     finished_at: float | None = None
@@ -63,6 +66,7 @@ class _Record:
         return AgentDeploymentDetail(
             deployment_id=self.deployment_id, model_id=self.model_id, version=self.version, runtime=self.runtime,
             status=self.status, url=self.url, port=self.port, reason=self.reason, ports=self.ports,
+            generation=self.generation,
         )
 
 
@@ -115,25 +119,30 @@ class DeploymentManager:
             )
         with self._lock:
             known = self._records.get(req.deployment_id)
-            if known is not None:
+            if known is not None and not self._restarts(known, req):
                 return self._same(known, req)
             gate = self._creating.setdefault(req.deployment_id, threading.Lock())
         with gate:  # one create per id at a time; a concurrent twin waits and gets the first one's answer
             try:
                 with self._lock:
                     known = self._records.get(req.deployment_id)
-                    if known is not None:
+                    if known is not None and not self._restarts(known, req):
                         return self._same(known, req)
+                    if known is not None:
+                        self._records.pop(req.deployment_id)  # a finished copy of an older placement
                 return self._admit(req, runtime)
             finally:
                 with self._lock:
                     self._creating.pop(req.deployment_id, None)
 
-    def stop(self, deployment_id: str) -> AgentDeploymentDetail:
-        """Stop a deployment and free its ports; answers when it is stopped. Stopping twice is harmless."""
+    def stop(self, deployment_id: str, generation: int | None = None) -> AgentDeploymentDetail:
+        """Stop a deployment and free its ports; answers when it is stopped. Stopping twice is harmless.
+
+        With `generation`, a copy of a newer placement is left running (the stop was meant for an older one).
+        """
         with self._lock:
             record = self._find(deployment_id)
-            if record.status is S.STOPPED:
+            if record.status is S.STOPPED or (generation is not None and record.generation > generation):
                 return record.view()
             if record.status is S.STOPPING:
                 waiting = True
@@ -184,8 +193,8 @@ class DeploymentManager:
         """Every deployment held, as carried in the metrics message (after checking the running ones)."""
         self.refresh()
         with self._lock:
-            return [DeploymentReport(deployment_id=r.deployment_id, status=r.status, url=r.url)
-                    for r in self._records.values()]
+            return [DeploymentReport(deployment_id=r.deployment_id, status=r.status, url=r.url,
+                                     generation=r.generation) for r in self._records.values()]
 
     def refresh(self) -> None:
         """Mark failed the running deployments whose model died by itself, and clean up after them."""
@@ -217,6 +226,26 @@ class DeploymentManager:
                 thread.join(self.stop_timeout_s)
         self.bus.flush()
 
+    def adopt(self, runtime: str, found: list[RecoveredDeployment]) -> None:
+        """At start: hold again what a runtime found after a restart (its ports too) and report its state.
+
+        Their generation is unknown here (0): a newer placement of the same deployment wins over them.
+        """
+        for item in found:
+            with self._lock:
+                if item.deployment_id in self._records:
+                    continue
+                if item.status is S.RUNNING:
+                    self.ports.reserve(item.deployment_id, [item.port, *item.ports.values()])
+                record = _Record(
+                    deployment_id=item.deployment_id, model_id=item.model_id, version=item.version, runtime=runtime,
+                    url=model_url(self.advertise_host, item.port), port=item.port, ports=dict(item.ports),
+                )
+                self._records[item.deployment_id] = record
+                self._transition(record, item.status, item.reason)
+                if item.status.is_terminal:
+                    record.settled.set()
+
     # ------------------------------------------------------------------ internals
 
     def _admit(self, req: CreateVmRequest, runtime: Runtime) -> AgentDeploymentDetail:
@@ -226,6 +255,7 @@ class DeploymentManager:
         record = _Record(
             deployment_id=req.deployment_id, model_id=req.model_id, version=req.version, runtime=req.runtime,
             url=model_url(self.advertise_host, ports[0]), port=ports[0], ports=dict(zip(names, ports, strict=False)),
+            generation=req.generation,
         )
         spec = DeploymentSpec(
             deployment_id=req.deployment_id, model_id=req.model_id, version=req.version, model_path=source.path,
@@ -276,6 +306,20 @@ class DeploymentManager:
         except Exception:  # noqa: BLE001 - on exit, one stubborn deployment must not keep the others running
             log.exception("could not stop %s on exit", deployment_id)
 
+    def _restarts(self, known: _Record, req: CreateVmRequest) -> bool:
+        """A create of a newer placement starts anew a copy that finished here; called with the lock held."""
+        if req.generation <= known.generation:
+            return False
+        if known.status is S.STOPPING:
+            raise Unavailable(f"deployment {req.deployment_id} is being stopped here; retry once it is stopped",
+                              code="stopping")
+        if not known.status.is_terminal:
+            self._same(known, req)
+            known.generation = req.generation  # the live copy now serves the newer placement
+            self._transition(known, known.status, known.reason)
+            return False
+        return True
+
     def _same(self, known: _Record, req: CreateVmRequest) -> AgentDeploymentDetail:
         if (known.model_id, known.version, known.runtime) != (req.model_id, req.version, req.runtime):
             raise Conflict(
@@ -296,7 +340,7 @@ class DeploymentManager:
         record.reason = reason
         event = DeploymentEvent(
             deployment_id=record.deployment_id, agent_id=self.agent_id, status=status, url=record.url,
-            reason=reason, source="agent", at=self.clock(),
+            reason=reason, source="agent", at=self.clock(), generation=record.generation,
         )
         try:
             self.bus.publish(DEPLOYMENT_EVENTS, record.deployment_id, event)

@@ -104,6 +104,8 @@ class MetricsCollector:
         disk_path: Path,
         interval_s: float,
         extra_load_percent: float = 0.0,
+        capacity_cpus: float | None = None,
+        capacity_memory_mb: float | None = None,
         gpus: GpuProbe | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
@@ -112,6 +114,8 @@ class MetricsCollector:
         self.disk_path = disk_path
         self.interval_s = interval_s
         self.extra_load_percent = extra_load_percent
+        self.capacity_cpus = capacity_cpus
+        self.capacity_memory_mb = capacity_memory_mb
         self.gpus = gpus or GpuProbe()
         self.clock = clock
 
@@ -126,8 +130,8 @@ class MetricsCollector:
             url=url,
             runtimes=self.runtimes,
             capacity=AgentCapacity(
-                cpus=psutil.cpu_count() or 1,
-                memory_mb=memory.total / MB,
+                cpus=self.capacity_cpus or psutil.cpu_count() or 1,
+                memory_mb=self.capacity_memory_mb or memory.total / MB,
                 disk_mb=disk.total / MB,
                 gpus=len(gpus),
             ),

@@ -60,6 +60,16 @@ class PortAllocator:
             self._next = self.lo + (found[-1] - self.lo + 1) % size
             return found
 
+    def reserve(self, owner: str, ports: list[int]) -> None:
+        """Hold these very ports for `owner` (a deployment found again after a restart: its VM's forwarders
+        still listen on them, so they are not checked free). A port another owner holds is a ValueError."""
+        with self._lock:
+            taken = {p: self._held[p] for p in ports if self._held.get(p, owner) != owner}
+            if taken:
+                raise ValueError(f"ports already held by other deployments: {taken}")
+            for port in ports:
+                self._held[port] = owner
+
     def release(self, owner: str) -> list[int]:
         """Give back every port of `owner`; releasing twice is harmless."""
         with self._lock:

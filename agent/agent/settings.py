@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from miaas.settings import ServiceSettings
@@ -51,10 +52,50 @@ class AgentSettings(ServiceSettings):
         le=100,
         description="TEST SETTING: added to the reported CPU % and memory % (capped at 100) to fake load",
     )
+    capacity_cpus: float | None = Field(
+        None, gt=0, description="CPUs offered to deployments (default: the machine's); smaller keeps some back"
+    )
+    capacity_memory_mb: float | None = Field(
+        None, gt=0, description="memory offered to deployments in MB (default: the machine's)"
+    )
     runtimes: list[str] = Field(default_factory=lambda: ["process"], min_length=1, description="JSON list")
     provision_timeout_s: float = Field(600.0, gt=0, description="bound on venv + setup + start until it answers")
     stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when stopping a model")
     stop_deployments_on_exit: bool = True
+
+    # ---- the vagrant runtime (agent/README.md, "The vagrant runtime")
+    model_store: Path = Field(
+        Path(".miaas/models"),
+        validation_alias=AliasChoices("model_store", "MODEL_STORE"),
+        description="the model store root as mounted here; a VM mounts the same folder from vagrant_nfs_server",
+    )
+    wheelhouse_dir: Path = Field(
+        Path(".miaas/wheelhouse"), description="wheels by requirements hash, exported read-only to the VMs"
+    )
+    vagrant_box: str = Field("miaas/debian12", description="the box of the VMs (bootstrap/build-box.sh adds it)")
+    vagrant_home: Path | None = Field(None, description="VAGRANT_HOME of vagrant commands (default ~/.vagrant.d)")
+    vagrant_acceleration: Literal["kvm", "tcg"] = Field(
+        "kvm", description="kvm, or tcg (software emulation) where KVM is missing or unusable (nested VMs)"
+    )
+    vagrant_libvirt_uri: str = Field("qemu:///system", description="libvirt connection of the VMs")
+    vagrant_boot_timeout_s: int = Field(600, gt=0, description="Vagrant's boot_timeout: boot until SSH answers")
+    vagrant_min_memory_mb: int = Field(512, gt=0, description="a VM gets at least this much memory")
+    vagrant_forward_host_ip: str = Field("0.0.0.0", description="host address the VMs' forwarded ports listen on")
+    vagrant_nfs_server: str = Field(
+        "192.168.121.1", description="NFS server of the model store as a VM reaches it"
+    )
+    vagrant_nfs_export: str = Field("/models", description="path on that server that exports the model store root")
+    vagrant_nfs_options: str = Field("vers=4.1", description="NFS mount options in the VM (ro is always added)")
+    vagrant_wheels_nfs_server: str = Field(
+        "192.168.121.1", description="NFS server exporting wheelhouse_dir as a VM reaches it (this host)"
+    )
+    vagrant_wheels_nfs_export: str = Field("/wheels", description="path on that server that exports wheelhouse_dir")
+    vagrant_guest_python: str = Field(
+        "3.11", pattern=r"^3\.\d+$", description="Python version of the box: wheels are made for it"
+    )
+    vagrant_insert_key: bool = Field(
+        False, description="Vagrant replaces the box's SSH key in each VM (the box's key is made at its build)"
+    )
 
     @field_validator("port_range")
     @classmethod

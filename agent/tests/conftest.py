@@ -71,6 +71,7 @@ def build_model(
     health_path: str | None = "/health",
     ports: dict[str, int] | None = None,
     requirements: str = REQUIREMENTS,
+    resources: dict[str, Any] | None = None,
 ) -> Path:
     """A model version folder as the model registry stores it: meta.json, app.py, requirements.txt."""
     root.mkdir(parents=True)
@@ -82,6 +83,8 @@ def build_model(
     }
     if health_path is not None:
         meta["health_path"] = health_path
+    if resources is not None:
+        meta["resources"] = resources
     (root / "meta.json").write_text(json.dumps(meta))
     (root / "app.py").write_text(TINY_APP)
     (root / "requirements.txt").write_text(requirements)

@@ -16,14 +16,24 @@ from miaas.schemas import AgentMetrics, DeploymentEvent
 
 
 def read_all(consumer: Consumer, until: Any, timeout: float = 60.0) -> list[tuple[str, str, dict[str, Any]]]:
-    """Messages (topic, key, value) until until(messages) holds; fails after timeout."""
+    """Messages (topic, key, value) until until(messages) holds; fails after timeout.
+
+    The broker is shared by the session: other tests' messages (poison included) are read too, and only JSON
+    objects are kept.
+    """
     seen: list[tuple[str, str, dict[str, Any]]] = []
     deadline = time.monotonic() + timeout
     while not until(seen):
         assert time.monotonic() < deadline, f"timed out; saw {len(seen)} messages"
         for msg in consumer.consume(num_messages=100, timeout=0.2):
             if msg.error() is None:
-                seen.append((str(msg.topic()), (msg.key() or b"").decode(), json.loads(msg.value() or b"{}")))
+                try:
+                    value = json.loads(msg.value() or b"{}")
+                except ValueError:
+                    continue
+                key = (msg.key() or b"").decode("utf-8", "replace")
+                if isinstance(value, dict):
+                    seen.append((str(msg.topic()), key, value))
     return seen
 
 

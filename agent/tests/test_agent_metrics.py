@@ -115,3 +115,12 @@ def test_the_publisher_sends_at_once_then_every_interval_until_stopped(tmp_path:
     publisher.stop()
     sent = len(bus.on(SYSTEM_METRICS))
     assert publisher.published == sent - 1
+
+
+def test_the_capacity_offered_can_be_smaller_than_the_machine(tmp_path: Path) -> None:
+    # given an agent that offers 1.5 CPUs and 1 GB (AGENT_CAPACITY_CPUS, AGENT_CAPACITY_MEMORY_MB)
+    collector = MetricsCollector(agent_id="agent-m", runtimes=["process"], disk_path=tmp_path, interval_s=2.0,
+                                 capacity_cpus=1.5, capacity_memory_mb=1024, gpus=GpuProbe(lambda: None))  # type: ignore[arg-type, return-value]
+    # then its metrics report that, not the machine's
+    capacity = collector.collect("http://a", []).capacity
+    assert (capacity.cpus, capacity.memory_mb) == (1.5, 1024)

@@ -49,3 +49,16 @@ def test_a_port_in_use_on_the_host_is_never_handed_out() -> None:
         with pytest.raises(PortsExhausted):
             allocator.allocate("dep-a")
     assert PortAllocator(port, port).allocate("dep-a") == [port]
+
+
+def test_a_restarted_agent_reserves_the_ports_its_vms_still_hold() -> None:
+    # the VMs' forwarders listen on them: they are taken on the host, yet ours again
+    allocator = PortAllocator(20000, 20009, is_free=lambda port: False)
+    allocator.reserve("dep-vm", [20003, 20004])
+    assert allocator.held() == {20003: "dep-vm", 20004: "dep-vm"}
+    allocator.reserve("dep-vm", [20003])  # twice is harmless
+    with pytest.raises(ValueError, match="20004"):
+        allocator.reserve("dep-other", [20004])
+    assert PortAllocator(20000, 20009, is_free=always_free).allocate("x", 1) == [20000]
+    allocator._is_free = always_free  # the next ones handed out skip the reserved ports
+    assert not {20003, 20004} & set(allocator.allocate("dep-new", 8))

@@ -26,3 +26,26 @@ def test_an_unknown_runtime_is_a_configuration_error(service_token: str) -> None
 
 def test_the_agent_id_defaults_to_the_host_name(service_token: str) -> None:
     assert AgentSettings(service_token=service_token).agent_id.startswith("agent-")
+
+
+def test_the_vagrant_runtime_is_built_from_settings(service_token: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = AgentSettings(service_token=service_token, runtimes=["process", "vagrant"], state_dir=tmp_path,
+                             vagrant_acceleration="tcg", vagrant_nfs_server="10.1.2.3", vagrant_min_memory_mb=1024)
+    runtimes = build_runtimes(settings)
+    assert sorted(runtimes) == ["process", "vagrant"]
+    vagrant = runtimes["vagrant"]
+    assert vagrant.config.acceleration == "tcg"  # type: ignore[attr-defined]
+    assert vagrant.config.nfs_server == "10.1.2.3"  # type: ignore[attr-defined]
+    assert vagrant.config.min_memory_mb == 1024  # type: ignore[attr-defined]
+    assert vagrant.recover() == []  # type: ignore[attr-defined]  # an empty state folder holds no VM
+
+
+def test_the_model_store_is_the_cluster_wide_variable(service_token: str, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MODEL_STORE", str(tmp_path / "nfs"))
+    assert AgentSettings(service_token=service_token).model_store == tmp_path / "nfs"
+
+
+def test_an_unknown_acceleration_is_refused(service_token: str) -> None:
+    with pytest.raises(ValidationError, match="vagrant_acceleration"):
+        AgentSettings(service_token=service_token, vagrant_acceleration="hvf")  # type: ignore[arg-type]

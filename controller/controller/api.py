@@ -8,6 +8,7 @@ from pydantic import Field
 from controller.service import Controller
 from miaas.schemas import (
     AgentList,
+    BusStats,
     Deployment,
     DeploymentList,
     DeploymentStatus,
@@ -31,7 +32,9 @@ def build_api(controller: Controller) -> Api:
 
     @api.route("/controller/deploy", "POST", query=DeployQuery, body=DeployRequest, response=Deployment, status=202)
     def deploy(query: DeployQuery, body: DeployRequest) -> Response:
-        """Place a model version on the least-loaded agent that fits; `?wait=` blocks until running or failed."""
+        """Queue a model version and place it on the least-loaded agent that fits (or by preempting strictly
+        lower-priority deployments); when nothing fits it waits `pending` with the reason. 202 unless already
+        running (201); `?wait=` blocks until running or failed."""
         d = controller.deploy(body, g.get("caller"), wait=query.wait)
         code = 201 if d.status == DeploymentStatus.RUNNING else 202
         return Response(d.model_dump_json(), status=code, mimetype="application/json")
@@ -59,5 +62,10 @@ def build_api(controller: Controller) -> Api:
     def agents() -> AgentList:
         """Every agent seen on the metrics stream with its state, load and score."""
         return controller.agents()
+
+    @api.route("/controller/bus", response=BusStats)
+    def bus() -> BusStats:
+        """What the controller's bus consumers handled, and the poison messages they skipped, per reason."""
+        return controller.bus_stats()
 
     return api

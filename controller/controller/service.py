@@ -6,27 +6,44 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
-from controller.placement import AgentSnapshot, NoPlacement, PlacementRequest, Usage, place, score
+from controller.commands import Refused, Uncertain, send_command
+from controller.lifecycle import Move, Record, backoff_s, judge_report
+from controller.placement import AgentSnapshot, Placement, PlacementRequest, Usage, score
+from controller.reconciler import Reconciler
+from controller.reports import ReportFilter
 from controller.settings import ControllerSettings
-from controller.states import ACTIVE, IN_FLIGHT
-from controller.store import DeploymentRow, DeploymentStore, placement_json
+from controller.states import ACTIVE, IN_FLIGHT, PREEMPTIBLE
+from controller.store import UNSET, DeploymentRow, DeploymentStore, placement_json
 from controller.view import ClusterView
-from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, EventBus, PartitionConsumer, Received
+from miaas.bus import (
+    DEPLOYMENT_EVENTS,
+    SCHEMAS,
+    SNAPSHOTS,
+    SYSTEM_METRICS,
+    EventBus,
+    PartitionConsumer,
+    Received,
+)
 from miaas.client import ServiceClient
-from miaas.errors import MiaasError, RemoteError, Unavailable, UpstreamError
+from miaas.errors import Unavailable, UpstreamError
 from miaas.schemas import (
+    PRIORITIES,
     AgentList,
     AgentMetrics,
     AgentView,
+    BusStats,
     Deployment,
     DeploymentEvent,
     DeploymentStatus,
     DeployRequest,
     PackageMeta,
+    PlacementExplanation,
+    Resources,
+    priority_rank,
 )
 
 log = logging.getLogger(__name__)
@@ -56,25 +73,44 @@ class Controller:
             max_skew_s=settings.max_clock_skew_s,
         )
         self._place_lock = threading.Lock()
+        self.place_lock = self._place_lock  # placement and its reservation are one critical section
         self._changed = threading.Condition()
         self._consumers: list[PartitionConsumer] = []
+        self._reports = ReportFilter(store)
+        self.started_at = clock()  # agents not heard from since are lost once `lost_after_s` has passed
+        self.reconciler = Reconciler(self)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Consume every partition of the metrics (from now) and of the deployment events (from the start)."""
-        boot = self.settings.kafka_bootstrap
+        """Consume every partition of the metrics (from now) and of the deployment events (from the start), and
+        run the reconcile loop."""
+        self.started_at = self.clock()
+        self.reconciler.start()
         self._consumers = [
-            PartitionConsumer(boot, [SYSTEM_METRICS], self.on_message, start="end", group_id="controller").start(),
+            self.metrics_consumer(start="end").start(),
             PartitionConsumer(
-                boot, [DEPLOYMENT_EVENTS], self.on_message, start="beginning", group_id="controller"
+                self.settings.kafka_bootstrap, [DEPLOYMENT_EVENTS], self.on_message, schemas=SCHEMAS,
+                start="beginning", group_id="controller",
             ).start(),
         ]
+
+    def metrics_consumer(self, start: str = "end") -> PartitionConsumer:
+        """The consumer of every partition of `system-metrics` that folds each batch into the view (not started)."""
+        return PartitionConsumer(
+            self.settings.kafka_bootstrap, [SYSTEM_METRICS], batch_handler=self.on_metrics, schemas=SCHEMAS,
+            latest_only=SNAPSHOTS, start=start, group_id="controller", batch_size=2000,
+        )
+
+    def bus_stats(self) -> BusStats:
+        """Messages each consumer handled and skipped (poison: bad JSON, unknown schema version, NaN...)."""
+        return BusStats(consumers=[c.stats() for c in self._consumers])
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         return all(c.ready.wait(timeout) for c in self._consumers)
 
     def stop(self) -> None:
+        self.reconciler.stop()
         for c in self._consumers:
             c.stop()
         if self.bus is not None:
@@ -85,27 +121,61 @@ class Controller:
     def on_message(self, msg: Received) -> None:
         """Fold one bus message into the view or the records; invalid messages raise and are skipped."""
         if msg.topic == SYSTEM_METRICS:
-            self.observe_metrics(AgentMetrics.model_validate(msg.value))
+            self.on_metrics([msg])
         elif msg.topic == DEPLOYMENT_EVENTS:
-            event = DeploymentEvent.model_validate(msg.value)
-            if event.source == "agent":
-                self._apply_agent_report(event.deployment_id, event.status, event.agent_id, event.url, event.reason)
+            event = msg.message if isinstance(msg.message, DeploymentEvent) else DeploymentEvent.model_validate(
+                msg.value)
+            self.observe_event(event)
 
-    def observe_metrics(self, metrics: AgentMetrics) -> None:
-        if not self.view.observe(metrics, self.clock()):
-            return
-        for report in metrics.deployments:
-            if report.status in (S.RUNNING, S.FAILED, S.STOPPED):
-                self._apply_agent_report(report.deployment_id, report.status, metrics.agent_id, report.url, None)
+    def observe_event(self, event: DeploymentEvent) -> None:
+        """Fold one `deployment-events` message: an agent's report applies as the lifecycle rules say."""
+        if event.source == "agent":
+            self._apply_agent_report(event.deployment_id, event.status, event.agent_id, event.url, event.reason,
+                                     event.generation)
+
+    def on_metrics(self, batch: Iterable[Received]) -> None:
+        """Fold a batch of `system-metrics` messages; invalid ones raise (the consumer then finds and skips them)."""
+        self.fold_metrics(
+            m.message if isinstance(m.message, AgentMetrics) else AgentMetrics.model_validate(m.value) for m in batch
+        )
+
+    def observe_metrics(self, *batch: AgentMetrics) -> None:
+        self.fold_metrics(batch)
+
+    def fold_metrics(self, batch: Iterable[AgentMetrics]) -> None:
+        """Fold metrics into the view, then apply what their deployment reports change.
+
+        Reports are level-triggered (every message repeats them); `ReportFilter` passes on only those that can
+        change a record, without a query per report, so the unchanged majority costs no transaction.
+        """
+        folded = self.view.observe_many(batch, self.clock())
+        reported = frozenset((S.PROVISIONING, S.RUNNING, S.FAILED, S.STOPPED))
+        for deployment_id, agent_id, status, url, generation in self._reports.changes(folded, reported):
+            self._apply_agent_report(deployment_id, status, agent_id, url, None, generation, from_metrics=True)
 
     def _apply_agent_report(
-        self, deployment_id: str, status: S, agent_id: str | None, url: str | None, reason: str | None
-    ) -> None:
-        changed = self.store.transition(
-            deployment_id, status, self.clock(), url=url, reason=reason, from_agent=agent_id, strict=False
-        )
+        self, deployment_id: str, status: S, agent_id: str | None, url: str | None, reason: str | None,
+        generation: int | None = None, *, from_metrics: bool = False,
+    ) -> Deployment | None:
+        """Apply what an agent says of a deployment, as `lifecycle.judge_report` rules; the changed deployment."""
+
+        def decide(r: Record) -> dict[str, Any] | None:
+            target = judge_report(r, agent_id, status, generation, from_metrics=from_metrics)
+            if target is None:
+                return None
+            if target is S.PENDING:
+                return _queued_again(f"stopped on agent {agent_id}; queued again ({r.reason or 'preempted'})")
+            if target is S.LOST:
+                return _lost(f"agent {agent_id} stopped it unasked (shutting down?)")
+            return {"status": target, "url": url or UNSET, "reason": reason or UNSET}
+
+        changed = self.store.decide(deployment_id, self.clock(), decide)
         if changed is not None:
+            if changed.status in (S.PENDING, S.LOST) or changed.status.is_terminal:
+                self._publish(changed)
+                self.reconciler.wake()  # capacity may have appeared, or the deployment waits for a place
             self._notify()
+        return changed
 
     def _notify(self) -> None:
         with self._changed:
@@ -116,7 +186,7 @@ class Controller:
             return
         event = DeploymentEvent(
             deployment_id=d.deployment_id, agent_id=d.agent_id, status=d.status, url=d.url, reason=d.reason,
-            source="controller", at=self.clock(),
+            source="controller", at=self.clock(), generation=d.generation,
         )
         try:
             self.bus.publish(DEPLOYMENT_EVENTS, d.deployment_id, event)
@@ -143,6 +213,7 @@ class Controller:
                     memory_mb=m.capacity.memory_mb, gpus=m.capacity.gpus, cpu_percent=m.load.cpu_percent,
                     memory_percent=m.load.memory_percent, allocated=allocated.get(m.agent_id, Usage()),
                     in_flight=in_flight.get(m.agent_id, Usage()),
+                    gpu_memory_free_mb=sum(g.memory_total_mb - g.memory_used_mb for g in m.load.gpus),
                 )
             )
         return out
@@ -164,30 +235,109 @@ class Controller:
     # ------------------------------------------------------------------ deploy
 
     def deploy(self, req: DeployRequest, user: str | None, wait: float = 0.0) -> Deployment:
-        """Resolve the version, place it, record it, and ask the chosen agent to provision it."""
+        """Resolve the version, queue it, and place the queue: provisioned at once when it fits (or when
+        preempting lower-priority deployments makes it fit), else pending with the reason until capacity appears."""
         version = self._fetch_model(req.model_id, req.version, req.alias)
         meta = PackageMeta.model_validate(version["meta"])
         runtime = req.runtime or self.settings.default_runtime
-        with self._place_lock:
-            now = self.clock()
-            decision = place(self.snapshot(now), PlacementRequest(meta.resources, runtime))
-            if isinstance(decision, NoPlacement):
-                raise Unavailable(decision.reason, details=[c.model_dump() for c in decision.explanation],
-                                  code="no_placement")
-            row = DeploymentRow(
-                id="d-" + uuid.uuid4().hex[:16], model_id=str(version["model_id"]), model_name=str(version["name"]),
-                version=int(version["version"]), status=S.SCHEDULED.value, agent_id=decision.agent_id, url=None,
-                reason=None, runtime=runtime, cpus=meta.resources.cpus, memory_mb=meta.resources.memory_mb,
-                gpus=meta.resources.gpus, placement=placement_json(decision.explanation), created_by=user,
-                created_at=now, updated_at=now,
-            )
-            deployment = self.store.add(row)
-        log.info("placed %s (%s v%d) on %s", row.id, row.model_name, row.version, decision.agent_id)
+        now = self.clock()
+        row = DeploymentRow(
+            id="d-" + uuid.uuid4().hex[:16], model_id=str(version["model_id"]), model_name=str(version["name"]),
+            version=int(version["version"]), status=S.PENDING.value, agent_id=None, url=None,
+            reason="waiting for a placement", runtime=runtime, cpus=meta.resources.cpus,
+            memory_mb=meta.resources.memory_mb, gpus=meta.resources.gpus, placement=[], created_by=user,
+            created_at=now, updated_at=now, priority=priority_rank(req.priority), generation=0, attempts=0,
+            requeue=False,
+        )
+        deployment = self.store.add(row)
         self._publish(deployment)
-        deployment = self._provision(deployment)
+        scheduled, victims = self.reconciler.place_queue()
+        for d in scheduled:
+            if d.deployment_id == row.id:
+                self.send_create(d.deployment_id)  # in this request, so the answer shows it provisioning
+            else:
+                self.reconciler.submit(("create", d.deployment_id), self.send_create, d.deployment_id)
+        for d in victims:
+            self.reconciler.submit(("stop", d.deployment_id), self.send_stop, d.deployment_id)
+        deployment = self.store.get(row.id)
         if wait > 0 and not deployment.status.is_terminal and deployment.status != S.RUNNING:
             deployment = self.wait_for(deployment.deployment_id, wait)
         return deployment
+
+    def placement_request(self, r: Record) -> PlacementRequest:
+        """What placement is asked for a queued deployment."""
+        return PlacementRequest(Resources(cpus=r.cpus, memory_mb=r.memory_mb, gpus=r.gpus), r.runtime)
+
+    def schedule(self, r: Record, decision: Placement, now: datetime) -> Deployment | None:
+        """Record a placement of a queued deployment (a new generation); None if it left the queue meanwhile."""
+        lease = self.settings.agent_timeout_s * (self.settings.command_retries + 1)
+        d = self.store.change(
+            r.deployment_id, now, when=lambda x: x.status is r.status and x.generation == r.generation,
+            status=S.SCHEDULED, agent_id=decision.agent_id, generation=r.generation + 1, url=None, reason=None,
+            attempts=0, requeue=False, next_attempt_at=now + timedelta(seconds=lease),
+            placement=placement_json(decision.explanation),
+        )
+        if d is not None:
+            log.info("placed %s (%s v%d, generation %d) on %s", d.deployment_id, d.model_name, d.version,
+                     d.generation, decision.agent_id)
+            self._publish(d)
+            self._notify()
+        return d
+
+    def still_pending(self, r: Record, reason: str, explanation: PlacementExplanation | None) -> None:
+        """Keep a queued deployment waiting, saying why (written only when the reason changes)."""
+        if r.reason == reason:
+            return
+        placement = placement_json(explanation) if explanation is not None else UNSET
+        d = self.store.change(r.deployment_id, self.clock(), when=lambda x: x.status is r.status, reason=reason,
+                              placement=placement)
+        if d is not None:
+            self._notify()
+
+    def preempt(self, victim_id: str, by: Record, now: datetime) -> Deployment | None:
+        """Start stopping a lower-priority deployment so that `by` fits; it goes back to the queue once stopped."""
+        d = self.store.change(
+            victim_id, now, when=lambda x: x.status in PREEMPTIBLE and x.priority < by.priority,
+            status=S.STOPPING, requeue=True, attempts=0, next_attempt_at=None,
+            reason=f"preempted by {by.deployment_id} ({PRIORITIES[by.priority]} priority); back to the queue once "
+                   "stopped",
+        )
+        if d is not None:
+            log.info("preempting %s on %s for %s", victim_id, d.agent_id, by.deployment_id)
+            self._publish(d)
+            self._notify()
+        return d
+
+    def apply_move(self, move: Move, r: Record) -> None:
+        """Carry out a liveness decision on a record that has not changed since it was judged."""
+        values: dict[str, Any] = (
+            _queued_again(move.reason) if move.status is S.PENDING
+            else _lost(move.reason) if move.status is S.LOST
+            else {"status": move.status, "reason": move.reason}
+        )
+        d = self.store.change(
+            r.deployment_id, self.clock(),
+            when=lambda x: (x.status, x.agent_id, x.generation) == (r.status, r.agent_id, r.generation), **values,
+        )
+        if d is not None:
+            log.warning("%s is %s: %s", d.deployment_id, d.status.value, move.reason)
+            self._publish(d)
+            self._notify()
+            self.reconciler.wake()
+
+    def unassign(self, r: Record) -> None:
+        """Take back a placement its agent never confirmed and does not hold: queued again, after a backoff."""
+        wait = backoff_s(r.attempts, self.settings.retry_base_s, self.settings.retry_max_s)
+        values = _queued_again(f"agent {r.agent_id} did not take it after {r.attempts} attempts; queued again")
+        values["next_attempt_at"] = self.clock() + timedelta(seconds=wait)
+        d = self.store.change(
+            r.deployment_id, self.clock(),
+            when=lambda x: x.status is S.SCHEDULED and (x.agent_id, x.generation) == (r.agent_id, r.generation),
+            **values,
+        )
+        if d is not None:
+            self._publish(d)
+            self._notify()
 
     def _fetch_model(self, model_id: str, version: int | None, alias: str | None) -> dict[str, Any]:
         """The version to deploy, resolved by the model registry (latest, a number, or an alias)."""
@@ -202,32 +352,58 @@ class Controller:
             raise UpstreamError("model registry answered fetch-model without meta")
         return found
 
-    def _agent(self, agent_id: str) -> ServiceClient:
+    def _agent_url(self, agent_id: str) -> str:
         record = self.view.get(agent_id)
         if record is None:
             raise Unavailable(f"agent '{agent_id}' has not reported metrics to this controller; retry shortly")
-        return ServiceClient(record.metrics.url, self.token, timeout=self.settings.agent_timeout_s)
+        return record.metrics.url
 
-    def _provision(self, d: Deployment) -> Deployment:
-        assert d.agent_id is not None
-        body = {"deployment_id": d.deployment_id, "model_id": d.model_id, "version": d.version, "runtime": d.runtime}
+    def _command(self, agent_id: str, path: str, body: dict[str, Any]) -> Any:
+        return send_command(self._agent_url(agent_id), self.token, path, body,
+                            timeout=self.settings.agent_timeout_s, retries=self.settings.command_retries)
+
+    def send_create(self, deployment_id: str) -> None:
+        """Ask the agent of a scheduled deployment to provision it (idempotent: its id and generation are the key).
+
+        A refusal fails the deployment; a command that may not have arrived (timeout, no answer) leaves it
+        scheduled and is sent again after a backoff: the agent's own reports decide what happened.
+        """
+        d = self.store.get(deployment_id)
+        if d.status is not S.SCHEDULED or d.agent_id is None:
+            return
+        agent_id, generation = d.agent_id, d.generation
+        lease = self.settings.agent_timeout_s * (self.settings.command_retries + 1)
+        this_placement = lambda x: x.status is S.SCHEDULED and (x.agent_id, x.generation) == (agent_id, generation)  # noqa: E731
+        self.store.change(deployment_id, self.clock(), when=this_placement,
+                          next_attempt_at=self.clock() + timedelta(seconds=lease))
+        body = {"deployment_id": deployment_id, "model_id": d.model_id, "version": d.version, "runtime": d.runtime,
+                "generation": generation}
         try:
-            answer = self._agent(d.agent_id).post("/create-vm", json=body)
-        except MiaasError as exc:
-            failed = self.store.transition(
-                d.deployment_id, S.FAILED, self.clock(), reason=f"agent {d.agent_id} refused: {exc.message}",
-                strict=False,
-            )
-            self._notify()
+            answer = self._command(agent_id, "/create-vm", body)
+        except Refused as exc:
+            failed = self.store.change(deployment_id, self.clock(), when=this_placement, status=S.FAILED,
+                                       reason=f"agent {agent_id} refused it: {exc.message}")
             if failed is not None:
                 self._publish(failed)
-            return failed or self.store.get(d.deployment_id)
+                self._notify()
+                self.reconciler.wake()
+            return
+        except (Uncertain, Unavailable) as exc:
+            attempts = d.attempts + 1
+            wait = backoff_s(attempts, self.settings.retry_base_s, self.settings.retry_max_s)
+            log.warning("create %s on %s failed (attempt %d, next in %.1fs): %s", deployment_id, agent_id, attempts,
+                        wait, exc)
+            self.store.change(
+                deployment_id, self.clock(), when=this_placement, attempts=attempts,
+                next_attempt_at=self.clock() + timedelta(seconds=wait),
+                reason=f"create on agent {agent_id} failed (attempt {attempts}; the agent's reports decide): "
+                       f"{getattr(exc, 'message', exc)}",
+            )
+            self._notify()
+            return
         status = S(answer.get("status", S.PROVISIONING.value))
-        updated = self.store.transition(
-            d.deployment_id, status, self.clock(), url=answer.get("url"), reason=answer.get("reason"), strict=False
-        )
-        self._notify()
-        return updated or self.store.get(d.deployment_id)
+        self._apply_agent_report(deployment_id, status, agent_id, answer.get("url"), answer.get("reason"),
+                                 answer.get("generation", generation))
 
     def wait_for(self, deployment_id: str, timeout: float) -> Deployment:
         """Block until the deployment is running or finished, or `timeout` seconds pass."""
@@ -243,31 +419,90 @@ class Controller:
     # ------------------------------------------------------------------ stop
 
     def stop_deployment(self, deployment_id: str) -> Deployment:
-        """Stop a deployment on its agent; stopping a finished one changes nothing."""
+        """Stop a deployment on its agent; stopping a finished one changes nothing.
+
+        A pending or lost deployment runs nowhere the controller can reach: it is stopped at once (should its
+        lost agent come back, it is told to stop the copy). A preempted one being stopped is stopped for good.
+        """
         d = self.store.get(deployment_id)
         if d.status.is_terminal:
             return d
-        if d.status in (S.PENDING, S.LOST):  # nothing runs that the controller could reach
-            final = self.store.transition(deployment_id, S.STOPPED, self.clock()) or d
+        if d.status in (S.PENDING, S.LOST):
+            final = self.store.change(deployment_id, self.clock(), when=lambda x: x.status is d.status,
+                                      status=S.STOPPED, reason="stopped by request")
+            if final is None:  # it moved meanwhile (placed): stop it where it went
+                return self.stop_deployment(deployment_id)
             self._publish(final)
+            self._notify()
             return final
-        if d.agent_id is not None:
-            # An agent the controller cannot reach may still run it: refuse rather than report a false stop.
-            agent = self._agent(d.agent_id)
-            d = self.store.transition(deployment_id, S.STOPPING, self.clock()) or d
-            self._publish(d)
-            try:
-                agent.post("/stop-vm", json={"deployment_id": deployment_id})
-            except RemoteError as exc:
-                if exc.status != 404:  # 404: the agent never had it or already forgot it
-                    raise
-            except MiaasError as exc:
-                raise UpstreamError(f"agent {d.agent_id} could not stop {deployment_id}: {exc.message}") from exc
-        stopped = self.store.transition(deployment_id, S.STOPPED, self.clock(), strict=False)
-        self._notify()
-        final = stopped or self.store.get(deployment_id)
-        self._publish(final)
-        return final
+        assert d.agent_id is not None
+        # An agent the controller cannot reach may still run it: refuse rather than report a false stop.
+        self._agent_url(d.agent_id)
+        lease = self.clock() + timedelta(seconds=self.settings.agent_timeout_s * (self.settings.command_retries + 1))
+        stopping = self.store.change(deployment_id, self.clock(), when=lambda x: x.agent_id == d.agent_id,
+                                     status=S.STOPPING, requeue=False, reason="stopped by request", attempts=0,
+                                     next_attempt_at=lease)  # the loop sends it again only if this call fails
+        if stopping is not None:
+            self._publish(stopping)
+        try:
+            self._stop_on_agent(deployment_id)
+        except (Uncertain, Unavailable) as exc:
+            self._stop_failed(self.store.get(deployment_id), exc)
+            raise UpstreamError(f"agent {d.agent_id} could not stop {deployment_id}: {exc}; the controller keeps "
+                                "trying") from exc
+        return self.store.get(deployment_id)
+
+    def send_stop(self, deployment_id: str) -> None:
+        """Ask the agent of a stopping deployment to stop it; when that fails, try again after a backoff."""
+        d = self.store.get(deployment_id)
+        try:
+            self._stop_on_agent(deployment_id)
+        except (Uncertain, Unavailable) as exc:
+            self._stop_failed(d, exc)
+
+    def _stop_failed(self, d: Deployment, exc: Exception) -> None:
+        attempts = d.attempts + 1
+        wait = backoff_s(attempts, self.settings.retry_base_s, self.settings.retry_max_s)
+        log.warning("stop %s on %s failed (attempt %d, next in %.1fs): %s", d.deployment_id, d.agent_id, attempts,
+                    wait, exc)
+        self.store.change(d.deployment_id, self.clock(),
+                          when=lambda x: x.status is S.STOPPING and x.generation == d.generation,
+                          attempts=attempts, next_attempt_at=self.clock() + timedelta(seconds=wait))
+
+    def _stop_on_agent(self, deployment_id: str) -> None:
+        """`/stop-vm` for a stopping deployment, then stopped (or queued again when preempted)."""
+        d = self.store.get(deployment_id)
+        if d.status is not S.STOPPING or d.agent_id is None:
+            return
+        try:
+            self._command(d.agent_id, "/stop-vm", {"deployment_id": deployment_id, "generation": d.generation})
+        except Refused as exc:
+            if exc.status != 404:  # 404: the agent never had it or already forgot it
+                raise Uncertain(f"agent {d.agent_id} refused to stop it: {exc.message}") from exc
+        self._apply_agent_report(deployment_id, S.STOPPED, d.agent_id, None, None, d.generation)
+
+    def stop_copy(self, agent_id: str, deployment_id: str, generation: int | None) -> None:
+        """Tell an agent to stop a copy it should not run (the deployment is elsewhere, stopped or queued)."""
+        log.warning("agent %s runs %s (generation %s) that is not its own any more: stopping that copy", agent_id,
+                    deployment_id, generation)
+        try:
+            self._command(agent_id, "/stop-vm", {"deployment_id": deployment_id, "generation": generation})
+        except Refused as exc:
+            if exc.status != 404:
+                log.warning("agent %s refused to stop %s: %s", agent_id, deployment_id, exc.message)
+        except (Uncertain, Unavailable) as exc:
+            log.warning("could not reach agent %s to stop %s (tried again later): %s", agent_id, deployment_id, exc)
+
+
+def _queued_again(reason: str | None) -> dict[str, Any]:
+    """The columns of a deployment going back to the queue: on no agent, nothing in flight."""
+    return {"status": S.PENDING, "agent_id": None, "url": None, "requeue": False, "attempts": 0,
+            "next_attempt_at": None, "reason": reason}
+
+
+def _lost(reason: str | None) -> dict[str, Any]:
+    """The columns of a deployment whose agent is gone: to be placed again at once (no backoff left over)."""
+    return {"status": S.LOST, "reason": reason, "attempts": 0, "next_attempt_at": None}
 
 
 def _add(total: Usage | None, row: DeploymentRow) -> Usage:

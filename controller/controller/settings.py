@@ -16,3 +16,13 @@ class ControllerSettings(ServiceSettings):
     max_clock_skew_s: float = Field(30.0, gt=0, description="metrics dated further off are not fresh")
     agent_timeout_s: float = Field(15.0, gt=0, description="timeout of one command to an agent")
     default_runtime: str = "process"
+    reconcile_interval_s: float = Field(
+        1.0, gt=0, description="period of the reconcile loop: lost agents, queue, retries, orphan copies"
+    )
+    command_retries: int = Field(2, ge=0, description="quick retries of a command an agent could not be reached for")
+    retry_base_s: float = Field(1.0, gt=0, description="backoff after the first failed command; doubles each time")
+    retry_max_s: float = Field(30.0, gt=0, description="cap of the backoff between attempts")
+    max_command_attempts: int = Field(
+        5, ge=1, description="failed create commands before a placement its agent does not hold is queued again"
+    )
+    preemption: bool = Field(True, description="a deployment that fits nowhere may stop lower-priority ones")

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import json
+import threading
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Integer, String, Text, event, inspect, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, ORMExecuteState, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
+from controller.lifecycle import Record
 from controller.states import can_move
 from miaas.db import make_engine
 from miaas.errors import Conflict, NotFound
-from miaas.schemas import CandidateExplanation, Deployment, DeploymentStatus, Resources
+from miaas.schemas import (
+    PRIORITIES,
+    CandidateExplanation,
+    Deployment,
+    DeploymentStatus,
+    PlacementExplanation,
+    Resources,
+)
 
 
 class Base(DeclarativeBase):
@@ -33,12 +44,23 @@ class DeploymentRow(Base):
     cpus: Mapped[float] = mapped_column(Float)
     memory_mb: Mapped[int] = mapped_column(Integer)
     gpus: Mapped[int] = mapped_column(Integer)
-    placement: Mapped[list[dict[str, object]]] = mapped_column(JSON, default=list)
+    # The placement explanation; rows written before explanations were compact hold a bare list of candidates.
+    placement: Mapped[dict[str, object] | list[dict[str, object]]] = mapped_column(JSON, default=list)
     created_by: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Added with the lifecycle under failure; `upgrade_columns` adds them to databases made before.
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"), index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    requeue: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     def to_wire(self) -> Deployment:
+        explanation = PlacementExplanation.model_validate(self.placement) if isinstance(self.placement, dict) else None
+        candidates = explanation.candidates if explanation else [
+            CandidateExplanation.model_validate(c) for c in self.placement or []
+        ]
         return Deployment(
             deployment_id=self.id,
             model_id=self.model_id,
@@ -49,9 +71,24 @@ class DeploymentRow(Base):
             url=self.url,
             reason=self.reason,
             runtime=self.runtime,
-            placement=[CandidateExplanation.model_validate(c) for c in self.placement or []],
+            placement=candidates,
+            placement_explanation=explanation,
+            priority=PRIORITIES[self.priority or 0],
+            generation=self.generation or 0,
+            attempts=self.attempts or 0,
             created_at=_aware(self.created_at),
             updated_at=_aware(self.updated_at),
+        )
+
+    def record(self) -> Record:
+        """What the lifecycle rules know of this row."""
+        return Record(
+            deployment_id=self.id, status=DeploymentStatus(self.status), agent_id=self.agent_id,
+            created_at=_aware(self.created_at), updated_at=_aware(self.updated_at), generation=self.generation or 0,
+            priority=self.priority if self.priority is not None else 1, attempts=self.attempts or 0,
+            next_attempt_at=_aware(self.next_attempt_at) if self.next_attempt_at else None,
+            requeue=bool(self.requeue), cpus=self.cpus, memory_mb=self.memory_mb, gpus=self.gpus,
+            runtime=self.runtime, reason=self.reason,
         )
 
     @property
@@ -63,13 +100,52 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def upgrade_columns(engine: Engine) -> list[str]:
+    """Add the columns a database made by an older controller lacks (each has a default); the names added."""
+    table = Base.metadata.tables[DeploymentRow.__tablename__]
+    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    added = []
+    with engine.begin() as conn:
+        for column in table.columns:
+            if column.name not in present:
+                ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                added.append(column.name)
+    return added
+
+
+UNSET: Any = object()
+"""A field `change` leaves as it is."""
+
+
+def _mark_written(session: Session, _context: Any) -> None:
+    session.info["wrote"] = True
+
+
+def _mark_written_by_statement(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info["wrote"] = True
+
+
 class DeploymentStore:
     """Deployment records and their state machine."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
+        upgrade_columns(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.commits = 0
+        """Transactions that wrote, counted once committed: a memo of rows is current while this number stands."""
+        self._commits_lock = threading.Lock()
+        event.listen(self._session, "after_flush", _mark_written)
+        event.listen(self._session, "do_orm_execute", _mark_written_by_statement)
+        event.listen(self._session, "after_commit", self._count_commit)
+
+    def _count_commit(self, session: Session) -> None:
+        if session.info.pop("wrote", False):
+            with self._commits_lock:
+                self.commits += 1
 
     def add(self, row: DeploymentRow) -> Deployment:
         with self._session.begin() as s:
@@ -108,6 +184,73 @@ class DeploymentStore:
                 DeploymentRow.status.in_([x.value for x in statuses]), DeploymentRow.agent_id.is_not(None)
             )
             return list(s.scalars(q))
+
+    def reported_states(self, deployment_ids: Iterable[str]) -> dict[str, tuple[str, str | None, str | None]]:
+        """Status, agent and URL of each known deployment among the ids: one query per 500 ids, not one per report."""
+        ids = list(deployment_ids)
+        found: dict[str, tuple[str, str | None, str | None]] = {}
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                q = select(DeploymentRow.id, DeploymentRow.status, DeploymentRow.agent_id, DeploymentRow.url).where(
+                    DeploymentRow.id.in_(ids[i:i + 500])
+                )
+                found.update((r.id, (r.status, r.agent_id, r.url)) for r in s.execute(q))
+        return found
+
+    def records(self, statuses: frozenset[DeploymentStatus]) -> list[Record]:
+        """The rules' view of every deployment in the given states."""
+        with self._session() as s:
+            q = select(DeploymentRow).where(DeploymentRow.status.in_([x.value for x in statuses]))
+            return [r.record() for r in s.scalars(q)]
+
+    def records_of(self, deployment_ids: Iterable[str]) -> dict[str, Record]:
+        """The rules' view of the known deployments among the ids, whatever their state."""
+        ids = list(deployment_ids)
+        found: dict[str, Record] = {}
+        with self._session() as s:
+            for i in range(0, len(ids), 500):
+                q = select(DeploymentRow).where(DeploymentRow.id.in_(ids[i:i + 500]))
+                found.update((r.id, r.record()) for r in s.scalars(q))
+        return found
+
+    def decide(
+        self, deployment_id: str, now: datetime, decide: Callable[[Record], dict[str, Any] | None]
+    ) -> Deployment | None:
+        """Change a row in one transaction as `decide(record)` says: a dict of columns (`status` among them), or None.
+
+        A move to another status must be legal. Returns the changed deployment, or None when nothing changed
+        (no such row, no decision, an illegal move, or every value already so).
+        """
+        with self._session.begin() as s:
+            row = s.get(DeploymentRow, deployment_id, with_for_update=True)
+            if row is None:
+                return None
+            values = decide(row.record())
+            if values is None:
+                return None
+            values = {k: v for k, v in values.items() if v is not UNSET}
+            current = DeploymentStatus(row.status)
+            status = values.pop("status", current)
+            if status is not current and not can_move(current, status):
+                return None
+            if status is current and all(getattr(row, k) == v for k, v in values.items()):
+                return None
+            row.status = status.value
+            for key, value in values.items():
+                setattr(row, key, value)
+            row.updated_at = now
+            return row.to_wire()
+
+    def change(
+        self,
+        deployment_id: str,
+        now: datetime,
+        *,
+        when: Callable[[Record], bool] = lambda r: True,
+        **values: Any,
+    ) -> Deployment | None:
+        """Set columns (and `status`) of a row if `when(record)` holds; see `decide`."""
+        return self.decide(deployment_id, now, lambda r: values if when(r) else None)
 
     def transition(
         self,
@@ -150,5 +293,5 @@ class DeploymentStore:
             return row.to_wire()
 
 
-def placement_json(explanation: tuple[CandidateExplanation, ...]) -> list[dict[str, object]]:
-    return [json.loads(c.model_dump_json()) for c in explanation]
+def placement_json(explanation: PlacementExplanation) -> dict[str, object]:
+    return explanation.model_dump(mode="json")

@@ -59,6 +59,11 @@ def predict():  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
+    import logging
+
     from waitress import serve
 
-    serve(app, host=os.environ.get("HOST", "0.0.0.0"), port=int(os.environ.get("PORT", "5000")), threads=4)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # waitress says where it serves
+    port = int(os.environ.get("PORT", "5000"))
+    print(f"iris model: {len(CLASSES)} classes, {MODEL['w'].shape[0]} features, starting on port {port}", flush=True)
+    serve(app, host=os.environ.get("HOST", "0.0.0.0"), port=port, threads=4)

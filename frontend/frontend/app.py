@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from flask import Flask, g, jsonify, redirect, render_template, request, url_for
+from flask import Flask, g, has_request_context, jsonify, redirect, render_template, request, url_for
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from frontend.agents import build_agents, build_bus
 from frontend.auth import build_auth
 from frontend.backends import Backends, Locate, discover
-from frontend.pages import build_pages
+from frontend.busview import BusInspector
+from frontend.deployments import StreamSlots, build_deployments, is_web_url
+from frontend.files import build_files
+from frontend.live import BusFollower, LiveFeed, LoadHistory
+from frontend.models import build_models, wants_json
 from frontend.security import check_csrf, csrf_token, log_out, session_user_id
 from frontend.settings import FrontendSettings
 from frontend.store import UserStore
+from frontend.users import build_users
 from miaas import __version__
 from miaas.errors import MiaasError
 
 log = logging.getLogger(__name__)
 # Pages anyone may see; every other page needs a logged-in session.
-PUBLIC_ENDPOINTS = {"auth.login_form", "auth.login", "health", "static"}
+PUBLIC_ENDPOINTS = {"auth.login_form", "auth.login", "auth.signup_form", "auth.signup", "health", "static"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 FORM_OVERHEAD_BYTES = 1 << 20  # the model name, the CSRF token and the multipart framing around the zip
-SMALL_BODY_BYTES = 64 << 10  # every form but the upload is a few short fields
+SMALL_BODY_BYTES = 64 << 10  # most forms are a few short fields
+EDIT_BODY_BYTES = 6 << 20  # the editor: up to five text files of up to 1 MiB each
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -38,7 +47,10 @@ def utcnow() -> datetime:
 def create_app(
     settings: FrontendSettings, locate: Locate | None = None, clock: Callable[[], datetime] = utcnow
 ) -> Flask:
-    """The portal; `locate(name) -> base URL` finds other services (the service registry by default)."""
+    """The portal; `locate(name) -> base URL` finds other services (the service registry by default).
+
+    With `consume_bus` it follows the bus in a background thread from here on; `close_app(app)` stops it.
+    """
     token = settings.service_token.get_secret_value()
     app = Flask(__name__)
     app.config.update(
@@ -53,6 +65,7 @@ def create_app(
         MAX_UPLOAD_BYTES=settings.max_upload_bytes,
     )
 
+    app.session_interface = _SessionCookies()
     store = UserStore(settings.database_url)
     admin = store.ensure_admin(settings.admin_username, settings.admin_password.get_secret_value(), clock())
     if admin is not None:
@@ -67,17 +80,28 @@ def create_app(
         timeout_s=settings.backend_timeout_s,
         upload_timeout_s=settings.upload_timeout_s,
     )
-    app.extensions["frontend.store"] = store
-    app.extensions["frontend.backends"] = backends
+    feed = LiveFeed()
+    history = LoadHistory(settings.metrics_history_s)
+    follower = BusFollower(settings.kafka_bootstrap, feed, history, time.monotonic) if settings.consume_bus else None
+    inspector = BusInspector(settings.kafka_bootstrap, time.monotonic)
+    app.extensions.update({
+        "frontend.store": store, "frontend.backends": backends, "frontend.feed": feed,
+        "frontend.history": history, "frontend.follower": follower, "frontend.bus": inspector,
+    })
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.globals["kafka_ui_url"] = settings.kafka_ui_url
     app.jinja_env.filters["when"] = _when
-    app.jinja_env.tests["web_url"] = _is_web_url
+    app.jinja_env.filters["size"] = _size
+    app.jinja_env.filters["ago"] = lambda value: _ago(value, clock())
+    app.jinja_env.tests["web_url"] = is_web_url
 
     @app.before_request
     def _guard() -> Response | None:
         # Only the upload takes a large body, and only from a logged-in user: the login check below reads the
         # cookie, not the body, so nobody else can make the portal spool gigabytes to disk.
-        if request.endpoint != "pages.upload":
+        if request.endpoint == "files.edit":
+            request.max_content_length = EDIT_BODY_BYTES
+        elif request.endpoint != "models.upload":
             request.max_content_length = SMALL_BODY_BYTES
         user_id = session_user_id()
         g.user = store.get(user_id) if user_id is not None else None
@@ -108,32 +132,60 @@ def create_app(
         """Liveness of the portal."""
         return jsonify({"status": "ok", "service": "frontend", "version": __version__})
 
-    app.register_blueprint(build_auth(store))
-    app.register_blueprint(build_pages(backends))
+    app.register_blueprint(build_auth(store, settings, clock))
+    app.register_blueprint(build_users(store, settings, clock))
+    app.register_blueprint(build_models(backends))
+    app.register_blueprint(build_files(backends))
+    app.register_blueprint(build_deployments(backends, feed, StreamSlots(settings.max_event_streams),
+                                             follows_bus=follower is not None))
+    app.register_blueprint(build_agents(backends, history, time.monotonic))
+    app.register_blueprint(build_bus(inspector, settings, feed))
     _install_error_pages(app)
+    if follower is not None:
+        follower.start()
     return app
+
+
+class _SessionCookies(SecureCookieSessionInterface):
+    """The signed session cookie, `Secure` whenever the request came over HTTPS (or FRONTEND_SECURE_COOKIES says
+    the portal sits behind an HTTPS proxy, where it sees plain HTTP)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or (has_request_context() and request.is_secure)
+
+
+def close_app(app: Flask) -> None:
+    """End the live streams, stop following the bus and close the database."""
+    app.extensions["frontend.feed"].close()
+    follower: BusFollower | None = app.extensions.get("frontend.follower")
+    if follower is not None:
+        follower.stop()
+    app.extensions["frontend.bus"].close()
+    app.extensions["frontend.store"].close()
 
 
 def _install_error_pages(app: Flask) -> None:
     """Every error is a page of the portal with a sentence a person can read, never a traceback."""
 
-    def page(status: int, title: str, message: str) -> tuple[str, int]:
+    def page(status: int, title: str, message: str) -> tuple[str | Response, int]:
+        if wants_json():  # the upload script shows the message itself
+            return jsonify({"ok": False, "message": message, "problems": []}), status
         return render_template("error.html", status=status, title=title, message=message), status
 
     @app.errorhandler(MiaasError)
-    def _ours(exc: MiaasError) -> tuple[str, int]:
+    def _ours(exc: MiaasError) -> tuple[str | Response, int]:
         return page(exc.status, "Request refused" if exc.status < 500 else "Service problem", exc.message)
 
     @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> tuple[str, int]:
+    def _http(exc: HTTPException) -> tuple[str | Response, int]:
         status = exc.code or 500
-        if status == 413 and request.endpoint == "pages.upload":
+        if status == 413 and request.endpoint == "models.upload":
             limit = app.config["MAX_UPLOAD_BYTES"]
             return page(413, "Upload too large", f"The portal accepts uploads of up to {_size(limit)}.")
         return page(status, exc.name, exc.description or exc.name)
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> tuple[str, int]:
+    def _unexpected(exc: Exception) -> tuple[str | Response, int]:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return page(500, "Something went wrong", "The portal hit an unexpected error; it has been logged.")
 
@@ -151,12 +203,22 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _is_web_url(value: object) -> bool:
-    """Only http(s) URLs become links: a `javascript:` URL from a backend must never be clickable."""
-    return isinstance(value, str) and value.lower().startswith(("http://", "https://"))
+def _ago(value: datetime | None, now: datetime) -> str:
+    if value is None:
+        return "—"
+    seconds = (now - value).total_seconds()
+    if seconds < 1:
+        return "just now"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return _when(value)
 
 
-def _size(n: float) -> str:
+def _size(n: float | None) -> str:
+    if n is None:
+        return "—"
     for unit in ("bytes", "KiB", "MiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

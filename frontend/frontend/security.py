@@ -7,7 +7,7 @@ import secrets
 
 from flask import g, request, session
 
-from frontend.store import User
+from frontend.store import Role, User
 from miaas.errors import BadRequest, Forbidden
 
 CSRF_FIELD = "csrf_token"
@@ -73,8 +73,28 @@ def safe_next(target: str | None, default: str) -> str:
 
 
 def require_change_rights() -> User:
-    """The logged-in user, if their role may change things (upload, deploy, stop); 403 otherwise."""
+    """The logged-in user, if their role may change things (upload, edit, deploy, stop); 403 otherwise."""
     user = current_user()
     if user is None or not user.role.can_change:
         raise Forbidden("your role may look but not change anything; ask an admin")
     return user
+
+
+def require_admin() -> User:
+    """The logged-in user, if an admin (who manages users); 403 otherwise."""
+    user = current_user()
+    if user is None or user.role is not Role.ADMIN:
+        raise Forbidden("only an admin may manage users")
+    return user
+
+
+def client_address() -> str:
+    """The address the request came from (the proxy's, behind a reverse proxy)."""
+    return request.remote_addr or "unknown"
+
+
+def username() -> str:
+    """The logged-in user's name (every page but the public ones requires a session)."""
+    user = current_user()
+    assert user is not None
+    return user.username

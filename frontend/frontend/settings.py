@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from miaas.settings import ServiceSettings, check_secret
 
 MIN_PASSWORD_LENGTH = 12
+THREADS_FOR_PAGES = 8  # worker threads always left to pages when every live stream is open
 
 
 class FrontendSettings(ServiceSettings):
@@ -23,6 +24,15 @@ class FrontendSettings(ServiceSettings):
     session_hours: float = Field(12.0, gt=0, description="how long a login lasts")
     backend_timeout_s: float = Field(10.0, gt=0, description="timeout of calls to other services")
     upload_timeout_s: float = Field(600.0, gt=0, description="timeout of forwarding one upload to the registry")
+    open_signup: bool = Field(False, description="anyone may create a viewer account; else only by invitation")
+    invitation_hours: float = Field(72.0, gt=0, description="how long an invitation link stays valid")
+    login_attempts: int = Field(5, ge=1, description="failed logins per user name (x4 per address) per window")
+    login_window_s: float = Field(300.0, gt=0, description="the window of the login rate limit, in seconds")
+    consume_bus: bool = Field(True, description="follow deployment-events and system-metrics for live pages")
+    metrics_history_s: float = Field(600.0, gt=0, description="how far back the agents' charts reach")
+    max_event_streams: int = Field(24, ge=1, description="live streams (Server-Sent Events) served at once")
+    threads: int = Field(48, ge=4, description="HTTP worker threads; each live stream holds one")
+    kafka_ui_url: str | None = Field(None, description="Kafka-UI's URL, linked from the bus page when set")
 
     @field_validator("secret_key")
     @classmethod
@@ -33,3 +43,17 @@ class FrontendSettings(ServiceSettings):
     @classmethod
     def _admin_password_is_real(cls, value: SecretStr) -> SecretStr:
         return check_secret(value, "FRONTEND_ADMIN_PASSWORD", MIN_PASSWORD_LENGTH)
+
+    @field_validator("kafka_ui_url")
+    @classmethod
+    def _kafka_ui_is_a_web_url(cls, value: str | None) -> str | None:
+        if value and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("FRONTEND_KAFKA_UI_URL must be an http(s) URL")
+        return value or None
+
+    @model_validator(mode="after")
+    def _threads_left_for_pages(self) -> FrontendSettings:
+        if self.threads < self.max_event_streams + THREADS_FOR_PAGES:
+            raise ValueError(f"FRONTEND_THREADS must be at least FRONTEND_MAX_EVENT_STREAMS + {THREADS_FOR_PAGES}: "
+                             "each live stream holds a thread")
+        return self

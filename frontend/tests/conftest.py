@@ -6,6 +6,8 @@ portal sent them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import secrets
 import socket
@@ -21,7 +23,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 from werkzeug.wrappers import Response
 
-from frontend.app import create_app
+from frontend.app import close_app, create_app
 from frontend.settings import FrontendSettings
 from miaas.schemas import (
     AgentCapacity,
@@ -37,6 +39,13 @@ from miaas.schemas import (
 from miaas.serve import Server
 
 ADMIN = "admin"
+PACKAGE_FILES = {
+    "meta.json": b'{"setup_commands": ["pip install -r requirements.txt"], "start_commands": ["python app.py"]}\n',
+    "app.py": b"import os\n\nprint('serving on', os.environ.get('PORT'))\n",
+    "requirements.txt": b"flask>=3.0\n",
+    "model.pth": b"\x00\x01binary weights",
+    "data/labels.txt": b"setosa\nversicolor\nvirginica\n",
+}
 ADMIN_PASSWORD = "correct horse battery staple"
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -94,11 +103,15 @@ class FakeRegistry:
     """The model registry's HTTP contract, kept in memory."""
 
     versions: dict[str, list[ModelVersion]] = field(default_factory=dict)
+    files: dict[tuple[str, int], dict[str, bytes]] = field(default_factory=dict)
+    aliases: dict[str, dict[str, int]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     refuse_upload: tuple[int, dict[str, Any]] | None = None
+    pages: bool = True  # answers ?q=&offset=&limit= with a total; False: the old contract, every model
 
-    def add(self, v: ModelVersion) -> None:
+    def add(self, v: ModelVersion, files: dict[str, bytes] | None = None) -> None:
         self.versions.setdefault(v.model_id, []).append(v)
+        self.files[(v.model_id, v.version)] = dict(files or PACKAGE_FILES)
 
     def add_model(self, name: str, versions: int = 1, description: str = "") -> str:
         """Given: a model with some versions; returns its id."""
@@ -135,7 +148,85 @@ class FakeRegistry:
         @app.get("/registry/models")
         def models() -> Response:
             self.received.append(_record())
-            return jsonify({"models": [self.summary(m).model_dump(mode="json") for m in self.versions]})
+            every = sorted((self.summary(m) for m in self.versions), key=lambda m: m.name)
+            if not self.pages:
+                return jsonify({"models": [m.model_dump(mode="json") for m in every]})
+            q = request.args.get("q", "").lower()
+            offset, limit = int(request.args.get("offset", 0)), int(request.args.get("limit", 1000))
+            found = [m for m in every if q in m.name.lower() or q in m.model_id.lower()]
+            return jsonify({"models": [m.model_dump(mode="json") for m in found[offset:offset + limit]],
+                            "total": len(found)})
+
+        def version_of(model_id: str, version: int) -> ModelVersion | None:
+            return next((v for v in self.versions.get(model_id, []) if v.version == version), None)
+
+        @app.get("/registry/models/<model_id>/aliases")
+        def aliases(model_id: str) -> Response:
+            self.received.append(_record())
+            return jsonify(self.aliases.get(model_id, {}))
+
+        @app.put("/registry/models/<model_id>/aliases/<alias>")
+        def set_alias(model_id: str, alias: str) -> tuple[Response, int]:
+            got = _record()
+            self.received.append(got)
+            if version_of(model_id, got.json["version"]) is None:
+                return jsonify(error_body("not_found", f"model '{model_id}' has no version {got.json['version']}")), 404
+            self.aliases.setdefault(model_id, {})[alias] = got.json["version"]
+            return jsonify(self.aliases[model_id]), 200
+
+        @app.delete("/registry/models/<model_id>/aliases/<alias>")
+        def delete_alias(model_id: str, alias: str) -> tuple[str, int]:
+            self.received.append(_record())
+            self.aliases.get(model_id, {}).pop(alias, None)
+            return "", 204
+
+        @app.delete("/registry/models/<model_id>/versions/<int:version>")
+        def delete_version(model_id: str, version: int) -> tuple[Response | str, int]:
+            self.received.append(_record())
+            if version in self.aliases.get(model_id, {}).values():
+                return jsonify(error_body("version_aliased", f"version {version} has aliases")), 409
+            self.versions[model_id] = [v for v in self.versions[model_id] if v.version != version]
+            return "", 204
+
+        @app.get("/registry/models/<model_id>/versions/<int:version>/files")
+        def files(model_id: str, version: int) -> tuple[Response, int]:
+            self.received.append(_record())
+            found = self.files.get((model_id, version))
+            if found is None:
+                return jsonify(error_body("not_found", f"model '{model_id}' has no version {version}")), 404
+            listed = [{"path": p, "sha256": hashlib.sha256(b).hexdigest(), "size_bytes": len(b)}
+                      for p, b in sorted(found.items())]
+            return jsonify({"model_id": model_id, "version": version, "files": listed}), 200
+
+        @app.get("/registry/models/<model_id>/versions/<int:version>/files/<path:path>")
+        def file(model_id: str, version: int, path: str) -> Response:
+            self.received.append(_record())
+            data = self.files.get((model_id, version), {}).get(path)
+            if data is None:
+                return Response(json.dumps(error_body("not_found", f"no file {path!r}")), 404,
+                                mimetype="application/json")
+            text = b"\x00" not in data[:8192]
+            return Response(data, mimetype="text/plain" if text else "application/octet-stream")
+
+        @app.post("/registry/models/<model_id>/versions/<int:version>/edit")
+        def edit(model_id: str, version: int) -> tuple[Response, int]:
+            got = _record()
+            self.received.append(got)
+            base = version_of(model_id, version)
+            if base is None:
+                return jsonify(error_body("not_found", f"model '{model_id}' has no version {version}")), 404
+            edits: dict[str, str] = got.json["files"]
+            problems = []
+            if "app.py" in edits:
+                try:
+                    compile(edits["app.py"], "app.py", "exec")
+                except SyntaxError as exc:
+                    problems.append({"file": "app.py", "message": f"does not compile: {exc.msg} (line {exc.lineno})"})
+            if problems:
+                return jsonify(error_body("invalid_package", "the package is not valid", problems)), 400
+            new = model_version(model_id, base.name, max(v.version for v in self.versions[model_id]) + 1)
+            self.add(new, {**self.files[(model_id, version)], **{p: t.encode() for p, t in edits.items()}})
+            return jsonify({"model": new.model_dump(mode="json"), "warnings": []}), 201
 
         @app.get("/registry/models/<model_id>")
         def model(model_id: str) -> tuple[Response, int]:
@@ -161,8 +252,8 @@ class FakeController:
     def add_deployment(self, deployment_id: str, status: DeploymentStatus, **kw: Any) -> None:
         self.deployments.append(deployment(deployment_id, status, **kw))
 
-    def add_agent(self, agent_id: str, cpu: float, mem: float, deployments: int = 0) -> None:
-        self.agents.append(agent_view(agent_id, cpu, mem, deployments))
+    def add_agent(self, agent_id: str, cpu: float, mem: float, deployments: int = 0, **kw: Any) -> None:
+        self.agents.append(agent_view(agent_id, cpu, mem, deployments, **kw))
 
     def app(self) -> Flask:
         app = Flask("fake_controller")
@@ -191,6 +282,14 @@ class FakeController:
             self.received.append(_record())
             return jsonify({"deployments": [d.model_dump(mode="json") for d in self.deployments]})
 
+        @app.get("/controller/deployments/<deployment_id>")
+        def one(deployment_id: str) -> tuple[Response, int]:
+            self.received.append(_record())
+            for d in self.deployments:
+                if d.deployment_id == deployment_id:
+                    return jsonify(d.model_dump(mode="json")), 200
+            return jsonify(error_body("not_found", f"no deployment {deployment_id}")), 404
+
         @app.get("/controller/agents")
         def agents() -> Response:
             self.received.append(_record())
@@ -199,9 +298,32 @@ class FakeController:
         return app
 
 
-def agent_view(agent_id: str, cpu: float, mem: float, deployments: int = 0) -> AgentView:
+@dataclass
+class FakeAgent:
+    """The agent's logs route, kept in memory."""
+
+    logs: dict[str, list[str]] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+
+    def app(self) -> Flask:
+        app = Flask("fake_agent")
+
+        @app.get("/deployments/<deployment_id>/logs")
+        def logs(deployment_id: str) -> Response:
+            self.received.append(_record())
+            if deployment_id not in self.logs:
+                return Response(json.dumps(error_body("not_found", "no such deployment")), 404,
+                                mimetype="application/json")
+            tail = int(request.args.get("tail", 100))
+            return Response("".join(f"{line}\n" for line in self.logs[deployment_id][-tail:]), mimetype="text/plain")
+
+        return app
+
+
+def agent_view(agent_id: str, cpu: float, mem: float, deployments: int = 0, url: str | None = None,
+               state: str = "alive") -> AgentView:
     return AgentView(
-        agent_id=agent_id, url=f"http://{agent_id}:9000", state="alive", last_seen=T0, runtimes=["process"],
+        agent_id=agent_id, url=url or f"http://{agent_id}:9000", state=state, last_seen=T0, runtimes=["process"],
         capacity=AgentCapacity(cpus=4, memory_mb=8192), load=AgentLoad(cpu_percent=cpu, memory_percent=mem),
         score=0.7 * cpu + 0.3 * mem,
         deployments=[DeploymentReport(deployment_id=f"d{i}", status=DeploymentStatus.RUNNING)
@@ -217,6 +339,13 @@ def registry() -> FakeRegistry:
 @pytest.fixture
 def controller() -> FakeController:
     return FakeController()
+
+
+@pytest.fixture
+def agent(serve: Callable[[Flask], Server]) -> tuple[FakeAgent, str]:
+    """A fake agent served over HTTP, and its URL."""
+    fake = FakeAgent()
+    return fake, serve(fake.app()).url
 
 
 @pytest.fixture
@@ -237,6 +366,7 @@ def settings(workdir: Path, service_token: str) -> FrontendSettings:
         admin_password=ADMIN_PASSWORD,
         database_url=f"sqlite:///{workdir / 'frontend.db'}",
         service_registry_url=None,
+        consume_bus=False,
     )
 
 
@@ -245,15 +375,17 @@ def make_portal(settings: FrontendSettings) -> Iterator[Callable[..., Flask]]:
     """Build portals (closing their databases afterwards); keyword arguments override settings."""
     apps: list[Flask] = []
 
-    def make(locate: Callable[[str], str] | None = None, **overrides: Any) -> Flask:
-        app = create_app(FrontendSettings(**{**dict(settings), **overrides}), locate)
+    def make(locate: Callable[[str], str] | None = None, clock: Callable[[], datetime] | None = None,
+             **overrides: Any) -> Flask:
+        extra: dict[str, Any] = {"clock": clock} if clock else {}
+        app = create_app(FrontendSettings(**{**dict(settings), **overrides}), locate, **extra)
         app.testing = True
         apps.append(app)
         return app
 
     yield make
     for app in apps:
-        app.extensions["frontend.store"].close()
+        close_app(app)
 
 
 @pytest.fixture

@@ -96,6 +96,12 @@ def test_cookies_are_secure_behind_https(make_portal: Callable[..., Flask]) -> N
     assert "Secure" in page.headers["Set-Cookie"]
 
 
+def test_cookies_are_secure_over_https(make_portal: Callable[..., Flask]) -> None:
+    app = make_portal()
+    assert "Secure" in app.test_client().get("/login", base_url="https://portal.example").headers["Set-Cookie"]
+    assert "Secure" not in app.test_client().get("/login").headers["Set-Cookie"]
+
+
 def test_the_password_is_stored_as_an_scrypt_hash(portal: Flask, settings: FrontendSettings) -> None:
     engine = create_engine(settings.database_url)
     with engine.connect() as db:

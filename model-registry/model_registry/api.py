@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Response, current_app, g, jsonify, request, send_file
+from pydantic import Field
 
 from miaas.errors import BadRequest
 from miaas.schemas import (
@@ -12,6 +13,7 @@ from miaas.schemas import (
     FetchModelQuery,
     ModelDetail,
     ModelList,
+    Request,
     UploadResult,
     VersionFiles,
 )
@@ -21,6 +23,12 @@ from model_registry.settings import ModelRegistrySettings
 from model_registry.uploads import receive_upload
 
 MAX_CALLER_LENGTH = 256
+
+
+class ModelListQuery(Request):
+    q: str = Field("", max_length=128, description="part of a model name or id, any case")
+    offset: int = Field(0, ge=0, description="models to skip")
+    limit: int | None = Field(None, ge=1, le=1000, description="most models to answer; every match when omitted")
 
 
 def build_api(registry: ModelRegistry, settings: ModelRegistrySettings) -> Api:
@@ -46,10 +54,14 @@ def build_api(registry: ModelRegistry, settings: ModelRegistrySettings) -> Api:
             "manifest_sha256": record.manifest_sha256,
         })
 
-    @api.route("/registry/models", response=ModelList)
-    def list_models() -> ModelList:
-        """Every model with its versions, by name."""
-        return ModelList(models=registry.summaries())
+    @api.route("/registry/models", query=ModelListQuery, response=ModelList)
+    def list_models(query: ModelListQuery) -> Response:
+        """Models with their versions, by name; `q` filters by part of the name or id, `offset`/`limit` page
+        (a paged or filtered answer carries `total`, the number of matches)."""
+        found, total = registry.search(query.q, query.offset, query.limit)
+        paged = bool(query.q) or query.offset > 0 or query.limit is not None
+        body = ModelList(models=found, total=total if paged else None)
+        return Response(body.model_dump_json(exclude_none=True), mimetype="application/json")
 
     @api.route("/registry/models/<model_id>", response=ModelDetail)
     def get_model(model_id: str) -> ModelDetail:

@@ -329,6 +329,15 @@ class ModelRegistry:
             for m in self.store.models()
         ]
 
+    def search(self, q: str = "", offset: int = 0, limit: int | None = None) -> tuple[list[ModelSummary], int]:
+        """A page of the models whose name or id contains `q`, by name, and how many match in all."""
+        found, total = self.store.models_page(q, offset, limit)
+        return [
+            ModelSummary(model_id=m.model.model_id, name=m.model.name, latest_version=max(m.versions, default=0),
+                         versions=m.versions, created_at=m.model.created_at)
+            for m in found
+        ], total
+
     def path_of(self, record: VersionRecord) -> Path:
         """The absolute path of a version folder."""
         return self.storage.root / record.path

@@ -172,6 +172,30 @@ class Store:
             rows = s.scalars(select(ModelRow).order_by(ModelRow.name)).all()
             return [ModelVersions(_model(r), numbers.get(r.id, [])) for r in rows]
 
+    def models_page(self, q: str = "", offset: int = 0, limit: int | None = None) -> tuple[list[ModelVersions], int]:
+        """The models whose name or id contains `q` (any case), by name, from `offset`, at most `limit`; and how
+        many match in all. Only the versions of the models on the page are read."""
+        needle = q.strip().lower()
+        match = (ModelRow.name.contains(needle, autoescape=True) | ModelRow.id.contains(needle, autoescape=True)
+                 if needle else None)
+        with self._sessions() as s:
+            counted = select(func.count()).select_from(ModelRow)
+            query = select(ModelRow).order_by(ModelRow.name).offset(offset)
+            if match is not None:
+                counted, query = counted.where(match), query.where(match)
+            if limit is not None:
+                query = query.limit(limit)
+            total = int(s.scalar(counted) or 0)
+            rows = s.scalars(query).all()
+            numbers: dict[str, list[int]] = {}
+            if rows:
+                for model_id, version in s.execute(
+                    select(VersionRow.model_id, VersionRow.version)
+                    .where(VersionRow.model_id.in_([r.id for r in rows])).order_by(VersionRow.version)
+                ):
+                    numbers.setdefault(model_id, []).append(version)
+            return [ModelVersions(_model(r), numbers.get(r.id, [])) for r in rows], total
+
     # ------------------------------------------------------------------ versions
 
     def latest_version(self, model_id: str) -> int:

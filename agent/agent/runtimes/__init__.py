@@ -4,29 +4,73 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agent.runtimes.base import DeploymentSpec, Runtime, RuntimeState
+from agent.gpus import GpuAllocator
+from agent.runtimes.base import DeploymentSpec, Recoverable, RecoveredDeployment, Runtime, RuntimeState
 from agent.runtimes.process import ProcessRuntime
+from agent.runtimes.vagrant import VagrantRuntime
+from agent.runtimes.vagrant_driver import VagrantDriver
+from agent.runtimes.vagrantfile import VagrantConfig
 from agent.runtimes.venvs import VenvCache
+from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 
 
-def _process(settings: AgentSettings) -> Runtime:
+def _process(settings: AgentSettings, gpus: GpuAllocator) -> Runtime:
     return ProcessRuntime(
         VenvCache(settings.venv_cache_dir),
         provision_timeout_s=settings.provision_timeout_s,
         stop_grace_s=settings.stop_grace_s,
+        gpus=gpus,
     )
 
 
-RUNTIME_KINDS: dict[str, Callable[[AgentSettings], Runtime]] = {"process": _process}
+def vagrant_config(settings: AgentSettings) -> VagrantConfig:
+    """The VMs of this agent, as its settings describe them."""
+    return VagrantConfig(
+        box=settings.vagrant_box,
+        acceleration=settings.vagrant_acceleration,
+        libvirt_uri=settings.vagrant_libvirt_uri,
+        boot_timeout_s=settings.vagrant_boot_timeout_s,
+        min_memory_mb=settings.vagrant_min_memory_mb,
+        forward_host_ip=settings.vagrant_forward_host_ip,
+        nfs_server=settings.vagrant_nfs_server,
+        nfs_export=settings.vagrant_nfs_export,
+        nfs_options=settings.vagrant_nfs_options,
+        wheels_nfs_server=settings.vagrant_wheels_nfs_server,
+        wheels_nfs_export=settings.vagrant_wheels_nfs_export,
+        insert_key=settings.vagrant_insert_key,
+    )
 
 
-def build_runtimes(settings: AgentSettings) -> dict[str, Runtime]:
-    """The runtimes this agent offers (settings.runtimes); an unknown kind is a configuration error."""
+def _vagrant(settings: AgentSettings, gpus: GpuAllocator) -> Runtime:
+    return VagrantRuntime(
+        vagrant_config(settings),
+        driver=VagrantDriver(libvirt_uri=settings.vagrant_libvirt_uri, vagrant_home=settings.vagrant_home),
+        wheelhouse=Wheelhouse(settings.wheelhouse_dir.absolute(), guest_python=settings.vagrant_guest_python),
+        model_store=settings.model_store,
+        state_dir=settings.state_dir.absolute(),
+        gpus=gpus,
+        provision_timeout_s=settings.provision_timeout_s,
+    )
+
+
+RUNTIME_KINDS: dict[str, Callable[[AgentSettings, GpuAllocator], Runtime]] = {
+    "process": _process,
+    "vagrant": _vagrant,
+}
+
+
+def build_runtimes(settings: AgentSettings, gpus: GpuAllocator | None = None) -> dict[str, Runtime]:
+    """The runtimes this agent offers (settings.runtimes), sharing one view of the GPUs; an unknown kind is a
+    configuration error."""
     unknown = sorted(set(settings.runtimes) - set(RUNTIME_KINDS))
     if unknown:
         raise ValueError(f"unknown runtime(s) {unknown} in AGENT_RUNTIMES; known: {sorted(RUNTIME_KINDS)}")
-    return {name: RUNTIME_KINDS[name](settings) for name in dict.fromkeys(settings.runtimes)}
+    gpus = gpus or GpuAllocator()
+    return {name: RUNTIME_KINDS[name](settings, gpus) for name in dict.fromkeys(settings.runtimes)}
 
 
-__all__ = ["RUNTIME_KINDS", "DeploymentSpec", "Runtime", "RuntimeState", "build_runtimes"]
+__all__ = [
+    "RUNTIME_KINDS", "DeploymentSpec", "RecoveredDeployment", "Recoverable", "Runtime", "RuntimeState",
+    "build_runtimes", "vagrant_config",
+]

@@ -1,6 +1,6 @@
 """The Runtime interface: how a deployment of one model version is brought up, stopped, watched and read.
 
-A runtime is a plugin (process today, vagrant next). The manager owns the deployment's state and events;
+A runtime is a plugin (`process`, `vagrant`). The manager owns the deployment's state and events;
 a runtime only does the work and says what it sees.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from miaas.schemas import DeploymentStatus, PackageMeta
 
@@ -42,6 +42,20 @@ class RuntimeState:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class RecoveredDeployment:
+    """A deployment a runtime found again after an agent restart (see Recoverable)."""
+
+    deployment_id: str
+    model_id: str
+    version: int
+    port: int
+    ports: Mapping[str, int]
+    status: DeploymentStatus
+    """RUNNING when it was adopted, FAILED (with a reason) when it was found half-made and cleaned up."""
+    reason: str | None = None
+
+
 class Runtime(Protocol):
     """Runs deployments; every method is keyed by deployment id and safe to call from any thread."""
 
@@ -62,4 +76,17 @@ class Runtime(Protocol):
 
     def logs(self, deployment_id: str, tail: int) -> list[str]:
         """The last `tail` lines of the deployment's log (provisioning and model output)."""
+        ...
+
+    def log_paths(self, deployment_id: str) -> list[Path]:
+        """The files behind logs(), which may not exist yet: following them streams the deployment's log."""
+        ...
+
+
+@runtime_checkable
+class Recoverable(Protocol):
+    """A runtime whose deployments outlive the agent (VMs): it finds them again from the agent's state folder."""
+
+    def recover(self) -> list[RecoveredDeployment]:
+        """Adopt what still runs, clean up what was left half-made; called once, when the agent starts."""
         ...

@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from agent.errors import ProvisionCancelled, ProvisionFailed
+from agent.gpus import GpuAllocator, cuda_env
 from agent.logtail import tail_lines
 from agent.runtimes.base import DeploymentSpec, RuntimeState
 from agent.runtimes.venvs import Venv, VenvCache
@@ -138,8 +139,10 @@ class ProcessRuntime:
         provision_timeout_s: float = 600.0,
         stop_grace_s: float = 10.0,
         probe: Callable[[int, str | None], bool] = answers,
+        gpus: GpuAllocator | None = None,
     ) -> None:
         self.venvs = venvs
+        self.gpus = gpus or GpuAllocator(lambda: [])
         self.provision_timeout_s = provision_timeout_s
         self.stop_grace_s = stop_grace_s
         self.probe = probe
@@ -198,6 +201,11 @@ class ProcessRuntime:
             dep = self._deployments.get(deployment_id)
         return [] if dep is None else tail_lines(dep.log_path, tail)
 
+    def log_paths(self, deployment_id: str) -> list[Path]:
+        with self._lock:
+            dep = self._deployments.get(deployment_id)
+        return [] if dep is None else [dep.log_path]
+
     # ------------------------------------------------------------------ provisioning
 
     def _admit(self, spec: DeploymentSpec) -> _Deployment:
@@ -216,6 +224,7 @@ class ProcessRuntime:
     def _provision(self, dep: _Deployment, deadline: float) -> None:
         spec = dep.spec
         self._note(dep, f"deployment {spec.deployment_id}: model {spec.model_id} v{spec.version} on port {spec.port}")
+        reserved = self.gpus.reserve(spec.deployment_id, spec.meta.resources.gpus)
 
         def run(argv: list[str], what: str) -> None:
             self._note(dep, f"{what}: {' '.join(argv)}")
@@ -226,6 +235,9 @@ class ProcessRuntime:
         )
         self._note(dep, f"{'built' if venv.built else 'reusing'} virtualenv {venv.path}")
         env = model_env(spec, venv.path)
+        env.update(cuda_env(reserved, host_has_gpus=bool(self.gpus.devices())))
+        if reserved:
+            self._note(dep, "GPUs reserved: CUDA_VISIBLE_DEVICES=" + env["CUDA_VISIBLE_DEVICES"])
         for number, command in enumerate(spec.meta.setup_commands, 1):
             self._note(dep, f"setup command {number}: {command}")
             self._run_step(dep, ["bash", "-c", command], f"setup command {number} ({command})",
@@ -304,6 +316,7 @@ class ProcessRuntime:
             procs = [p for p in (dep.step, dep.model) if p is not None]
         for proc in procs:
             self._terminate(proc, grace=self.stop_grace_s)
+        self.gpus.release(dep.spec.deployment_id)
 
     @staticmethod
     def _terminate(proc: subprocess.Popen[bytes], *, grace: float) -> None:

@@ -1,0 +1,253 @@
+"""Fixtures of the controller's tests: a controller with its reconcile loop and real agents over real HTTP.
+
+The agents are the agent's own app (manager, routes, idempotent commands, generations) with a runtime that starts
+and stops at once, and a bus that hands their metrics and events straight to the controller: the tests here are
+about the controller's decisions, so they run in seconds. Runs over real processes and the real broker are in
+tests/test_e2e_failover.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import requests
+from flask import Flask, jsonify, request
+from pydantic import BaseModel
+
+from agent.app import create_app as create_agent
+from agent.app import parts
+from agent.fetch import ModelSource
+from agent.runtimes.base import DeploymentSpec, RuntimeState
+from agent.settings import AgentSettings
+from controller.app import create_app as create_controller
+from controller.service import Controller
+from controller.settings import ControllerSettings
+from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, MemoryBus
+from miaas.schemas import AgentMetrics, DeploymentEvent, DeploymentStatus, PackageMeta
+from miaas.serve import Server
+
+T = TypeVar("T")
+
+# model id -> CPUs it asks for (256 MB each)
+MODELS = {"small": 1.0, "half": 0.5, "big": 2.0}
+
+
+def meta_of(model_id: str) -> PackageMeta:
+    return PackageMeta.model_validate({
+        "setup_commands": ["true"], "start_commands": ["true"],
+        "resources": {"cpus": MODELS[model_id], "memory_mb": 256, "gpus": 0},
+    })
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll until check() is truthy; fail after the timeout (a generous bound, never an assertion on time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class InstantRuntime:
+    """A runtime whose models start and stop at once: what the controller sees is the agent's real behaviour."""
+
+    name = "process"
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self.started: list[str] = []
+        self._lock = threading.Lock()
+
+    def start(self, spec: DeploymentSpec) -> None:
+        with self._lock:
+            self.running.add(spec.deployment_id)
+            self.started.append(spec.deployment_id)
+
+    def stop(self, deployment_id: str) -> None:
+        with self._lock:
+            self.running.discard(deployment_id)
+
+    def status(self, deployment_id: str) -> RuntimeState:
+        with self._lock:
+            up = deployment_id in self.running
+        return RuntimeState(DeploymentStatus.RUNNING if up else DeploymentStatus.STOPPED)
+
+    def logs(self, deployment_id: str, tail: int) -> list[str]:
+        return []
+
+
+class Loopback:
+    """The bus between agents and the controller, in process: what an agent publishes, the controller folds."""
+
+    def __init__(self) -> None:
+        self.controller: Controller | None = None
+        self.paused: set[str] = set()  # agents whose messages are dropped (a network partition)
+
+    def bus_for(self, agent_id: str) -> Any:
+        loop = self
+
+        class AgentBus(MemoryBus):
+            def publish(self, topic: str, key: str, message: BaseModel) -> None:
+                super().publish(topic, key, message)
+                c = loop.controller
+                if c is None or agent_id in loop.paused:
+                    return
+                if topic == SYSTEM_METRICS and isinstance(message, AgentMetrics):
+                    c.observe_metrics(message)
+                elif topic == DEPLOYMENT_EVENTS and isinstance(message, DeploymentEvent):
+                    c.observe_event(message)
+
+        return AgentBus()
+
+
+@dataclass
+class Agent:
+    agent_id: str
+    app: Flask
+    server: Server
+    runtime: InstantRuntime
+    token: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def deployments(self) -> dict[str, dict[str, Any]]:
+        """What the agent itself says it holds, by deployment id."""
+        body = self.app.test_client().get("/deployments", headers={"Authorization": f"Bearer {self.token}"}).json
+        return {d["deployment_id"]: d for d in body["deployments"]}
+
+
+@dataclass
+class Cluster:
+    """A controller (reconcile loop running, no Kafka) and the agents a test adds."""
+
+    controller: Controller
+    app: Flask
+    token: str
+    loop: Loopback
+    tmp: Path
+    serve: Callable[[Flask], Server]
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    def add_agent(self, agent_id: str, cpus: float = 2, memory_mb: float = 4096, create_delay_s: float = 0) -> Agent:
+        """A real agent over HTTP; `create_delay_s` holds each /create-vm that long before the agent sees it."""
+        runtime = InstantRuntime()
+        first_port = 30000 + 100 * len(self.agents)
+        settings = AgentSettings(
+            service_token=self.token, agent_id=agent_id, state_dir=self.tmp / agent_id,
+            venv_cache_dir=self.tmp / "venvs", metrics_interval_s=0.1, capacity_cpus=cpus,
+            capacity_memory_mb=memory_mb, port_range=f"{first_port}-{first_port + 99}",
+        )
+        app = create_agent(settings, self.loop.bus_for(agent_id), runtimes={"process": runtime},
+                           fetch_model=lambda model_id, version: ModelSource(self.tmp, meta_of(model_id)))
+        if create_delay_s:
+            app.wsgi_app = _delayed(app.wsgi_app, "/create-vm", create_delay_s)  # type: ignore[method-assign]
+        server = self.serve(app)
+        agent = self.agents[agent_id] = Agent(agent_id, app, server, runtime, self.token)
+        parts(app).start_metrics(server.url)
+        return agent
+
+    def silence(self, agent_id: str) -> None:
+        """The agent's messages stop reaching the controller (it looks dead); it keeps running."""
+        self.loop.paused.add(agent_id)
+
+    def resume(self, agent_id: str) -> None:
+        self.loop.paused.discard(agent_id)
+
+    def deploy(self, model_id: str, priority: object = "normal", wait: float = 0) -> requests.Response:
+        client = self.app.test_client()
+        resp = client.post(f"/controller/deploy?wait={wait}", json={"model_id": model_id, "priority": priority},
+                           headers={"Authorization": f"Bearer {self.token}"})
+        return resp  # type: ignore[return-value]
+
+    def stop(self, deployment_id: str) -> Any:
+        client = self.app.test_client()
+        return client.post("/controller/stop", json={"deployment_id": deployment_id},
+                           headers={"Authorization": f"Bearer {self.token}"})
+
+    def events(self, deployment_id: str) -> list[DeploymentEvent]:
+        """What the controller published about a deployment, in order."""
+        bus = self.controller.bus
+        assert isinstance(bus, MemoryBus)
+        return [e for e in bus.on(DEPLOYMENT_EVENTS) if isinstance(e, DeploymentEvent)
+                and e.deployment_id == deployment_id]
+
+    def get(self, deployment_id: str) -> dict[str, Any]:
+        client = self.app.test_client()
+        resp = client.get(f"/controller/deployments/{deployment_id}", headers={"Authorization": f"Bearer {self.token}"})
+        return resp.json  # type: ignore[no-any-return]
+
+    def until(self, deployment_id: str, check: Callable[[dict[str, Any]], bool], what: str,
+              timeout: float = 30) -> dict[str, Any]:
+        return wait_for(lambda: (d := self.get(deployment_id)) and check(d) and d, timeout, f"{deployment_id} {what}")
+
+
+def _delayed(wsgi: Any, path: str, delay_s: float) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == path:
+            time.sleep(delay_s)
+        return wsgi(environ, start_response)
+
+    return app
+
+
+def fake_registry() -> Flask:
+    """The model registry's fetch-model, for the models of MODELS."""
+    app = Flask("fake-registry")
+
+    @app.get("/registry/fetch-model")
+    def fetch():  # type: ignore[no-untyped-def]
+        model_id = request.args["model_id"]
+        if model_id not in MODELS:
+            return jsonify({"error": {"code": "not_found", "message": f"model '{model_id}' not found"}}), 404
+        return jsonify({"model_id": model_id, "name": model_id, "version": 1,
+                        "meta": meta_of(model_id).model_dump(mode="json")})
+
+    return app
+
+
+@pytest.fixture
+def eventually() -> Callable[..., Any]:
+    """wait_for(check, timeout, what): poll until check() is truthy, failing after the timeout."""
+    return wait_for
+
+
+@pytest.fixture
+def make_cluster(service_token: str, tmp_path: Path, serve: Callable[[Flask], Server]) -> Iterator[
+        Callable[..., Cluster]]:
+    """Build a cluster with short liveness settings; everything is stopped after the test."""
+    made: list[Cluster] = []
+
+    def make(**overrides: Any) -> Cluster:
+        registry = serve(fake_registry())
+        settings = ControllerSettings(
+            service_token=service_token, database_url=f"sqlite:///{tmp_path / f'c{len(made)}.db'}",
+            lost_after_s=1.0, suspect_after_intervals=3, reconcile_interval_s=0.05, agent_timeout_s=2,
+            retry_base_s=0.1, retry_max_s=0.5, **overrides,
+        )
+        loop = Loopback()
+        app = create_controller(settings, locate=lambda name: registry.url, bus=MemoryBus())
+        controller: Controller = app.extensions["controller"]
+        loop.controller = controller
+        controller.started_at = controller.clock()
+        controller.reconciler.start()
+        cluster = Cluster(controller, app, service_token, loop, tmp_path, serve)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.loop.controller = None
+        cluster.controller.reconciler.stop()
+        for agent in cluster.agents.values():
+            parts(agent.app).shutdown()

@@ -1,0 +1,174 @@
+"""A real VM per deployment: the iris example deployed through the controller onto an agent with the vagrant runtime.
+
+Real everything: the box built from Debian packages (bootstrap/build-box.sh, cached by its hash), libvirt with
+QEMU (TCG unless MIAAS_TEST_VM_ACCELERATION=kvm), Vagrant, the model store served over NFS by nfs-ganesha, the
+cluster as processes (`miaas.cluster.LocalCluster`). About 3 minutes with the box cached, 6 without.
+Needs root and the packages of agent.vmhost.INSTALL; anything missing is a skip, which CI counts as a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from agent.nfsdev import DevNfsServer
+from agent.vmhost import INSTALL, LibvirtDaemons, missing_packages
+from miaas.cluster import LocalCluster
+from miaas.package import pack_model
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATION = os.environ.get("MIAAS_TEST_VM_ACCELERATION", "tcg")
+DEPLOY_DEADLINE_S = 900
+SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def vm_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Root, the packages, the box (built or reused) and libvirt answering; daemons we started are stopped after."""
+    if os.geteuid() != 0:
+        pytest.skip("the VM test needs root (libvirt's system instance, loop devices for the box, NFS on port 2049)")
+    if missing := missing_packages():
+        pytest.skip(f"the VM test needs the packages {' '.join(missing)}; install them with: {INSTALL}")
+    state = tmp_path_factory.mktemp("vm-host")
+    with LibvirtDaemons(state / "libvirt"):  # first: a new box build drops the old one's copy from the pool
+        started = time.monotonic()
+        built = subprocess.run(["bash", str(ROOT / "bootstrap" / "build-box.sh")], capture_output=True, text=True,
+                               timeout=1800)
+        assert built.returncode == 0, f"bootstrap/build-box.sh failed:\n{built.stdout}\n{built.stderr}"
+        print(f"box ready in {time.monotonic() - started:.0f} s: {built.stderr.strip().splitlines()[-1]}")
+        yield state
+
+
+@pytest.fixture(scope="module")
+def cluster(broker: str, vm_host: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The cluster with one agent offering only the vagrant runtime, its store and wheelhouse served over NFS."""
+    state = tmp_path_factory.mktemp("vm-cluster")
+    store, wheels = state / "models", state / "wheelhouse"
+    for folder in (store, wheels):
+        folder.mkdir(mode=0o755)
+    agent = {
+        "AGENT_RUNTIMES": '["vagrant"]',
+        "AGENT_VAGRANT_ACCELERATION": ACCELERATION,
+        "AGENT_WHEELHOUSE_DIR": str(wheels),
+        "AGENT_PROVISION_TIMEOUT_S": str(DEPLOY_DEADLINE_S - 60),
+        "AGENT_STOP_GRACE_S": "10",
+    }
+    ports = {name: 0 for name in ("broker", "service-registry", "model-registry", "controller", "frontend")}
+    # Stopping a VM takes seconds under emulation: the controller waits for the agent's answer that long.
+    c = LocalCluster(state_dir=state, bootstrap=broker, ports=ports, agents=[agent],
+                     extra_env={"CONTROLLER_AGENT_TIMEOUT_S": "120"})
+    with DevNfsServer({"/models": store, "/wheels": wheels}, state / "nfs") as nfs:
+        c.start(timeout=120)
+        try:
+            yield c
+        finally:
+            c.stop(grace=60)  # the agent destroys the VMs it still runs as it exits
+            for line in virsh("list", "--all", "--name").stdout.split():
+                if line.startswith("miaas-d-"):  # a VM of this test that outlived its agent: never leave one
+                    virsh("destroy", line)
+                    virsh("undefine", line, "--remove-all-storage")
+            print(f"NFS server log (tail):\n{nfs.log_tail(10)}")
+
+
+def auth(c: LocalCluster) -> dict[str, str]:
+    return {"Authorization": f"Bearer {c.token}"}
+
+
+def diagnostics(c: LocalCluster, deployment_id: str | None) -> str:
+    """Everything that says why a VM deployment did not work: the deployment's log, the VM console, service logs."""
+    parts = []
+    if deployment_id:
+        try:
+            parts.append(requests.get(f"{c.url('agent-1')}/deployments/{deployment_id}/logs", params={"tail": 200},
+                                      headers=auth(c), timeout=30).text)
+        except requests.RequestException as exc:
+            parts.append(f"(no deployment log: {exc})")
+        console = c.state_dir / "agent-1" / deployment_id / "console.log"
+        if console.exists():
+            parts.append("---- VM console ----\n" + "\n".join(console.read_text(errors="replace").splitlines()[-40:]))
+    for name in ("agent-1", "controller"):
+        log = c.state_dir / "logs" / f"{name}.log"
+        if log.exists():
+            parts.append(f"---- {name} ----\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+    return "\n".join(parts)
+
+
+def test_a_model_is_deployed_into_a_real_vm_answers_logs_and_is_destroyed(cluster: LocalCluster,
+                                                                            tmp_path: Path) -> None:
+    started = time.monotonic()
+    deployment_id = None
+    try:
+        # given the iris example in the model registry and an agent that offers the vagrant runtime
+        package = pack_model(ROOT / "examples" / "iris", tmp_path / "iris.zip")
+        uploaded = requests.post(f"{cluster.url('model-registry')}/registry/upload-and-validate", headers=auth(cluster),
+                                 data={"model_name": "iris-vm"},
+                                 files={"file": ("iris.zip", package.read_bytes(), "application/zip")}, timeout=60)
+        assert uploaded.status_code == 201, uploaded.text
+        model = uploaded.json()["model"]
+        for _ in range(300):
+            agents = requests.get(f"{cluster.url('controller')}/controller/agents", headers=auth(cluster),
+                                  timeout=10).json()["agents"]
+            if any(a["state"] == "alive" and "vagrant" in a["runtimes"] for a in agents):
+                break
+            time.sleep(0.2)
+
+        # when it is deployed through the controller with the vagrant runtime
+        deployed = requests.post(f"{cluster.url('controller')}/controller/deploy", headers=auth(cluster),
+                                 json={"model_id": model["model_id"], "runtime": "vagrant"}, timeout=60)
+        assert deployed.status_code in (201, 202), deployed.text
+        deployment_id = deployed.json()["deployment_id"]
+        deadline = time.monotonic() + DEPLOY_DEADLINE_S
+        while True:
+            d = requests.get(f"{cluster.url('controller')}/controller/deployments/{deployment_id}",
+                             headers=auth(cluster), timeout=10).json()
+            if d["status"] in ("running", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        up_after = time.monotonic() - started
+
+        # then it runs in its own VM and answers predictions through the forwarded port
+        assert d["status"] == "running", f"{d}\n{diagnostics(cluster, deployment_id)}"
+        assert d["runtime"] == "vagrant" and d["agent_id"] == "agent-1"
+        domain = f"miaas-{deployment_id}"
+        assert virsh("domstate", domain).stdout.strip() == "running"
+        answer = requests.post(f"{d['url']}/predict", json={"features": [SETOSA, VIRGINICA]}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == ["setosa", "virginica"]
+
+        # and the agent's logs show the provisioning and the model's own output (from inside the VM)
+        logs_url = f"{cluster.url('agent-1')}/deployments/{deployment_id}/logs"
+        logs = requests.get(logs_url, params={"tail": 300}, headers=auth(cluster), timeout=30).text
+        assert "Running provisioner: miaas" in logs and "installing the wheels of requirements.txt" in logs
+        assert "iris model: 3 classes, 4 features, starting on port 5000" in logs, logs
+        assert "waitress Serving on http://0.0.0.0:5000" in logs, logs
+        followed = requests.get(logs_url, params={"tail": 5, "follow": "true", "max_s": 3}, headers=auth(cluster),
+                                timeout=30, stream=True)
+        assert "waitress Serving on" in followed.text
+        print(f"deployed and answering after {up_after:.0f} s")
+
+        # when it is stopped through the controller
+        stopped = requests.post(f"{cluster.url('controller')}/controller/stop", headers=auth(cluster),
+                                json={"deployment_id": deployment_id}, timeout=120)
+
+        # then the VM is gone: virsh no longer lists it, its URL no longer answers
+        assert stopped.status_code == 200, stopped.text
+        assert stopped.json()["status"] == "stopped", stopped.json()
+        assert domain not in virsh("list", "--all", "--name").stdout.split()
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{d['url']}/health", timeout=5)
+        assert not (cluster.state_dir / "agent-1" / deployment_id / "vm").exists()
+        print(f"VM test done in {time.monotonic() - started:.0f} s")
+    except BaseException:
+        print(diagnostics(cluster, deployment_id))
+        raise
