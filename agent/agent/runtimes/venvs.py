@@ -8,21 +8,18 @@ build a given venv once; the others wait and reuse it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import sys
 import tempfile
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ProvisionCancelled, ProvisionFailed
+from agent.runtimes.buildlock import build_lock
 
 Run = Callable[[list[str], str], None]
 """Runs one command of a build (argv, what it is for); raises ProvisionFailed/ProvisionCancelled."""
@@ -67,7 +64,7 @@ class VenvCache:
         if link.exists():
             return Venv(link.resolve(), built=False)
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._locked(self.root / f"{key}.lock", deadline, cancelled):
+        with build_lock(self.root / f"{key}.lock", "virtualenv", deadline, cancelled):
             if link.exists():  # another agent built it while we waited
                 return Venv(link.resolve(), built=False)
             builds = self.root / ".builds"
@@ -86,21 +83,3 @@ class VenvCache:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
             return Venv(link.resolve(), built=True)
-
-    @contextlib.contextmanager
-    def _locked(self, path: Path, deadline: float, cancelled: threading.Event) -> Iterator[None]:
-        with path.open("a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if cancelled.is_set():
-                        raise ProvisionCancelled("stopped while waiting for the virtualenv") from None
-                    if time.monotonic() > deadline:
-                        raise ProvisionFailed("timed out waiting for another build of the same virtualenv") from None
-                    cancelled.wait(0.1)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)

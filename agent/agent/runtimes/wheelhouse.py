@@ -18,8 +18,6 @@ the guest's root to an anonymous user.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import py_compile
@@ -27,12 +25,10 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from agent.errors import ProvisionCancelled, ProvisionFailed
+from agent.runtimes.buildlock import build_lock
 from agent.runtimes.venvs import Run
 
 LAYOUT = "3"
@@ -75,7 +71,7 @@ class Wheelhouse:
             return key, False
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
-        with self._locked(self.root / f".{key}.lock", deadline, cancelled):
+        with build_lock(self.root / f".{key}.lock", "wheelhouse", deadline, cancelled):
             if target.is_dir():  # another agent built it while we waited
                 return key, False
             builds = self.root / ".builds"
@@ -112,24 +108,6 @@ class Wheelhouse:
         return self.python == sys.executable and f"{sys.version_info.major}.{sys.version_info.minor}" == (
             self.guest_python
         )
-
-    @contextlib.contextmanager
-    def _locked(self, path: Path, deadline: float, cancelled: threading.Event) -> Iterator[None]:
-        with path.open("a") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if cancelled.is_set():
-                        raise ProvisionCancelled("stopped while waiting for the wheelhouse") from None
-                    if time.monotonic() > deadline:
-                        raise ProvisionFailed("timed out waiting for another build of the same wheelhouse") from None
-                    cancelled.wait(0.1)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def vendor_installer(target: Path) -> None:
