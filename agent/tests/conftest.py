@@ -20,6 +20,7 @@ from agent.settings import AgentSettings
 from miaas.bus import EventBus, MemoryBus
 from miaas.errors import NotFound
 from miaas.schemas import PackageMeta
+from miaas.testing import wait_for as poll
 
 T = TypeVar("T")
 
@@ -124,15 +125,7 @@ def write_manifest(folder: Path) -> str:
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 60.0, what: str = "condition") -> T:
-    """Poll until check() returns something truthy; fail after timeout (a bound, never an assertion on time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return poll(check, timeout, what, interval=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from controller.settings import ControllerSettings
 from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, MemoryBus
 from miaas.schemas import AgentMetrics, DeploymentEvent, DeploymentStatus, PackageMeta
 from miaas.serve import Server
+from miaas.testing import wait_for as poll
 
 T = TypeVar("T")
 
@@ -46,15 +47,7 @@ def meta_of(model_id: str) -> PackageMeta:
 
 
 def wait_for(check: Callable[[], T | None], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll until check() is truthy; fail after the timeout (a generous bound, never an assertion on time)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    return poll(check, timeout, what, interval=0.02)
 
 
 class InstantRuntime:

@@ -3,18 +3,17 @@ older controller gain the new columns at start."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, text
 
 from controller.store import DeploymentRow, DeploymentStore
 from miaas.errors import Conflict
 from miaas.schemas import DeploymentStatus as S
+from miaas.testing import postgres_schema
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -30,15 +29,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'controller.db'}"
         return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    schema = f"controller_{uuid.uuid4().hex[:16]}"
-    admin = {"host": server.host, "port": server.port, "user": server.username, "password": server.password,
-             "dbname": server.database, "autocommit": True}
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield server.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with postgres_schema(request.getfixturevalue("postgres_url"), "controller") as url:
+        yield url
 
 
 def row(deployment_id: str = "d-1", status: S = S.RUNNING) -> DeploymentRow:

@@ -6,19 +6,17 @@ Every test that uses the registry's database runs twice: on SQLite and on Postgr
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy.engine import make_url
 from werkzeug.test import TestResponse
 
 from miaas.bus import MemoryBus
+from miaas.testing import postgres_schema
 from model_registry.app import create_app
 from model_registry.settings import ModelRegistrySettings
 from model_registry.testing import Files, Upload, authenticated, make_zip, registry
@@ -31,15 +29,8 @@ def database_url(request: pytest.FixtureRequest, workdir: Path) -> Iterator[str]
     if request.param == "sqlite":
         yield f"sqlite:///{workdir / 'registry.db'}"
         return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    schema = f"registry_{uuid.uuid4().hex[:16]}"
-    admin = {"host": server.host, "port": server.port, "user": server.username, "password": server.password,
-             "dbname": server.database, "autocommit": True}
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    yield server.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    with psycopg.connect(**admin) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with postgres_schema(request.getfixturevalue("postgres_url"), "registry") as url:
+        yield url
 
 
 @pytest.fixture
