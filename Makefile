@@ -15,6 +15,7 @@ up: $(STAMP)
 	exec $(VENV)/bin/miaas up
 
 test: $(STAMP)
+	@bash tests/install-packages.sh  # Debian packages of the real parts (database, browser, sandbox, VMs), as root
 	@$(VENV)/bin/python -m agent.vmhost  # what the VM test (pytest -m vm) still needs here, and how to install it
 	$(VENV)/bin/python -m pytest
 
