@@ -51,6 +51,12 @@ class Unavailable(MiaasError):
     status, code = 503, "unavailable"
 
 
+class InsufficientStorage(MiaasError):
+    """The service's storage is full (no space left on the device, or a quota): retry once space is freed."""
+
+    status, code = 507, "insufficient_storage"
+
+
 class UpstreamError(MiaasError):
     """Another service failed or could not be reached."""
 
