@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from flask import Flask
+from flask import Flask, Response, jsonify
 
 from miaas.bus import EventBus
 from miaas.discovery import Discovery
 from miaas.errors import Unavailable
 from miaas.web import create_service_app
 from model_registry.api import build_api
+from model_registry.ownership import secure_store
 from model_registry.registry import ModelRegistry
 from model_registry.settings import ModelRegistrySettings
 from model_registry.storage import ModelStorage
@@ -30,13 +31,19 @@ def utcnow() -> datetime:
 def create_app(
     settings: ModelRegistrySettings, bus: EventBus | None = None, clock: Callable[[], datetime] = utcnow
 ) -> Flask:
-    """The model registry app: migrates the database, prepares the store (emptying `.tmp`, removing version files
-    the database does not record); no network."""
+    """The model registry app: migrates the database, checks that it owns the store (`StoreRefused` otherwise,
+    with nothing changed; the first start claims an empty store), then prepares the store: removes the registry's own
+    unfinished temp files and moves to the quarantine what the database does not record. No network."""
     storage = ModelStorage(settings.model_store)
-    storage.prepare()
     store = Store(settings.database_url)
-    store.create_schema()
-    storage.sweep(store.all_versions())
+    try:
+        store.create_schema()
+        store_id = secure_store(storage, store, settings.database_url, clock())
+        storage.prepare()
+        storage.quarantine_strays(store.all_versions(), clock())
+    except BaseException:
+        store.close()
+        raise
     limits = Limits(
         max_entries=settings.max_entries, max_unpacked_bytes=settings.max_unpacked_bytes, max_ratio=settings.max_ratio,
         allow_requirement_urls=settings.allow_requirement_urls,
@@ -50,7 +57,31 @@ def create_app(
     )
     install_spool(app, Spool(storage, settings.max_upload_bytes))
     app.extensions[REGISTRY] = registry
+    _report_store_on_health(app, lambda: {
+        "store_id": store_id, "quarantined": storage.quarantined_count(), "quarantine": str(storage.quarantine_root),
+    })
     return app
+
+
+def _report_store_on_health(app: Flask, facts: Callable[[], dict[str, object]]) -> None:
+    """Add the store's id and what sits in its quarantine to the answer of `/health` (the shared route's view is
+    wrapped, so whatever it answers stays as it is)."""
+    endpoints = [rule.endpoint for rule in app.url_map.iter_rules() if rule.rule == "/health"]
+    if len(endpoints) != 1:
+        raise RuntimeError(f"expected one /health route, found {endpoints}")
+    original = app.view_functions[endpoints[0]]
+
+    def health(*args: object, **kwargs: object) -> Response:
+        answer = app.make_response(app.ensure_sync(original)(*args, **kwargs))
+        body = answer.get_json(silent=True)
+        if answer.status_code != 200 or not isinstance(body, dict):
+            return answer
+        extended = jsonify({**body, **facts()})
+        extended.status_code = answer.status_code
+        return extended
+
+    health.__doc__ = original.__doc__
+    app.view_functions[endpoints[0]] = health
 
 
 def _controller_locator(settings: ModelRegistrySettings) -> Callable[[], str]:

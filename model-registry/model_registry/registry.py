@@ -20,7 +20,7 @@ from pathlib import Path
 from miaas.bus import MODEL_EVENTS, EventBus
 from miaas.errors import BadRequest, Conflict, NotFound, Unavailable
 from miaas.schemas import Manifest, ManifestFile, ModelEvent, ModelSummary, ModelVersion, PackageMeta
-from model_registry.storage import ModelStorage, Stage, new_model_id, remove
+from model_registry.storage import ModelStorage, Stage, VersionFacts, new_model_id, remove
 from model_registry.store import ModelRecord, Store, VersionRecord
 from model_registry.usage import UsageCheck
 from model_registry.validation import (
@@ -199,7 +199,8 @@ class ModelRegistry:
         (503) when the controller cannot say. Its number is never given again.
 
         The database row goes first, then the files (renamed away, then removed): a crash in between leaves
-        files no row records, which the start-up sweep removes; never a row without its files.
+        files no row records, which the next start moves to the quarantine; never a row without its files. The
+        version's record stays in the store as a tombstone.
         """
         model = self.model(ref)
         with self._locks.hold(model.name):
@@ -239,16 +240,20 @@ class ModelRegistry:
         model = self.store.find_model_by_name(name)
         model_id = model.model_id if model is not None else new_model_id()
         version = self.store.next_version(model_id)
-        folder = self.storage.publish(stage, upload.path, model_id, version)
+        facts = VersionFacts(
+            model_id=model_id, name=name, version=version, sha256=upload.sha256, size_bytes=upload.size_bytes,
+            manifest_sha256=manifest_sha256, created_by=created_by, created_at=self.clock(),
+        )
+        folder = self.storage.publish(stage, upload.path, facts)
         record = VersionRecord(
             model_id=model_id, name=name, version=version, path=folder.relative_to(self.storage.root).as_posix(),
             sha256=upload.sha256, size_bytes=upload.size_bytes, manifest_sha256=manifest_sha256, meta=meta,
-            created_by=created_by, created_at=self.clock(),
+            created_by=created_by, created_at=facts.created_at,
         )
         try:
             return self.store.add_version(record, new_model=model is None)
         except BaseException:
-            self.storage.unpublish(model_id, version)
+            self.storage.retract(model_id, version)
             raise
 
     def _announce(self, record: VersionRecord) -> None:

@@ -92,6 +92,17 @@ class VersionRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
+class StoreOwnerRow(Base):
+    """The model store this database owns (one row at most): the same id is in the store's `.miaas-store.json`."""
+
+    __tablename__ = "store_owner"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, doc="always 1: one row at most")
+    store_id: Mapped[str] = mapped_column(String(64))
+    root: Mapped[str] = mapped_column(String(1024), doc="where the store was when it was claimed (informative)")
+    claimed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 class AliasRow(Base):
     __tablename__ = "aliases"
 
@@ -124,6 +135,23 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class StoreOwner:
+    store_id: str
+    root: str
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
+class AdoptedModel:
+    """A model rebuilt from the store: `last_version` counts deleted versions whose records remain."""
+
+    model_id: str
+    name: str
+    created_at: datetime
+    last_version: int
+
+
+@dataclass(frozen=True)
 class ModelVersions:
     """A model with the numbers of its versions, oldest first."""
 
@@ -147,6 +175,47 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # ------------------------------------------------------------------ the model store it owns
+
+    def owner(self) -> StoreOwner | None:
+        """The model store this database owns; None for a database that never claimed one."""
+        with self._sessions() as s:
+            row = s.get(StoreOwnerRow, 1)
+            return StoreOwner(row.store_id, row.root, row.claimed_at) if row is not None else None
+
+    def claim(self, store_id: str, root: str, at: datetime) -> None:
+        """Record that this database owns the store `store_id`; a database that owns one already is a 409."""
+        try:
+            with self._sessions() as s, s.begin():
+                s.add(StoreOwnerRow(id=1, store_id=store_id, root=root, claimed_at=at))
+        except IntegrityError as exc:
+            raise Conflict("this database owns a model store already") from exc
+
+    def has_records(self) -> bool:
+        """Whether the database records any model (with or without versions)."""
+        with self._sessions() as s:
+            return s.scalars(select(ModelRow.id).limit(1)).first() is not None
+
+    def adopt(self, owner: StoreOwner, models: list[AdoptedModel], versions: list[VersionRecord]) -> None:
+        """Rebuild an empty database from a store, in one transaction: its models, its versions (numbers kept),
+        and the store it now owns (any earlier claim of an empty database is replaced). A database with models is
+        a 409 and is not changed."""
+        with self._sessions() as s, s.begin():
+            if s.scalars(select(ModelRow.id).limit(1)).first() is not None:
+                raise Conflict("the database records models already: adopt a store only into an empty database")
+            s.execute(delete(AliasRow))
+            s.execute(delete(StoreOwnerRow))
+            s.add(StoreOwnerRow(id=1, store_id=owner.store_id, root=owner.root, claimed_at=owner.claimed_at))
+            for m in models:
+                s.add(ModelRow(id=m.model_id, name=m.name, created_at=m.created_at, last_version=m.last_version))
+            s.flush()
+            for r in versions:
+                s.add(VersionRow(
+                    model_id=r.model_id, version=r.version, path=r.path, sha256=r.sha256, size_bytes=r.size_bytes,
+                    manifest_sha256=r.manifest_sha256, meta_json=r.meta.model_dump_json(), created_by=r.created_by,
+                    created_at=r.created_at,
+                ))
 
     # ------------------------------------------------------------------ models
 

@@ -88,5 +88,13 @@ def registry(app: Flask) -> ModelRegistry:
     return found
 
 
+def store_tree(root: Path) -> dict[str, tuple[str, bytes | None]]:
+    """Every entry under `root` (a model store): its mode and, for a file, its bytes; to compare byte for byte."""
+    return {
+        p.relative_to(root).as_posix(): (stat.filemode(p.lstat().st_mode), p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
 def files_under(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -34,6 +34,17 @@ def database_url(request: pytest.FixtureRequest, workdir: Path) -> Iterator[str]
 
 
 @pytest.fixture
+def fresh_database_url(request: pytest.FixtureRequest, database_url: str, workdir: Path) -> Iterator[str]:
+    """Another fresh, empty database of the same kind as `database_url`: what a registry that lost its database, or
+    that was started with a wrong database URL, meets."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite:///{workdir / 'fresh-registry.db'}"
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url"), "fresh") as url:
+        yield url
+
+
+@pytest.fixture
 def settings(service_token: str, workdir: Path, database_url: str) -> ModelRegistrySettings:
     return ModelRegistrySettings(service_token=service_token, model_store=workdir / "models", database_url=database_url)
 
@@ -85,11 +96,11 @@ def upload(client: FlaskClient) -> Upload:
 
 @pytest.fixture
 def nothing_stored(settings: ModelRegistrySettings, client: FlaskClient) -> Callable[[], None]:
-    """Then: no version folder, no zip, no database row, and `.tmp` empty."""
+    """Then: no version folder, no zip, no database row, and `.tmp` empty (the store's ownership marker only)."""
 
     def check() -> None:
         root = settings.model_store
-        assert sorted(p.name for p in root.iterdir()) == [".tmp"]
+        assert sorted(p.name for p in root.iterdir()) == [".miaas-store.json", ".tmp"]
         assert list((root / ".tmp").iterdir()) == []
         assert client.get("/registry/models").json == {"models": []}
 

@@ -1,8 +1,8 @@
-"""The service around the registry: settings from the environment, the start-up sweep, the entry point."""
+"""The service around the registry: settings from the environment, the start-up clean-up of its own temp files, the
+entry point. (What a start does with files the database does not record: test_registry_quarantine.py.)"""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +10,6 @@ import pytest
 from flask import Flask
 
 from model_registry.settings import ModelRegistrySettings
-from model_registry.testing import authenticated, good, make_zip
 
 
 def test_settings_read_the_cluster_wide_model_store_and_their_own_prefix(
@@ -27,7 +26,7 @@ def test_settings_read_the_cluster_wide_model_store_and_their_own_prefix(
     assert settings.database_url == "sqlite:///.miaas/model-registry.db"
 
 
-def test_start_up_removes_what_a_crashed_upload_left_in_tmp(
+def test_start_up_removes_the_unfinished_temp_files_a_crashed_upload_left_in_tmp(
     make_app: Callable[..., Flask], settings: ModelRegistrySettings
 ) -> None:
     tmp = settings.model_store / ".tmp"
@@ -44,28 +43,3 @@ def test_the_entry_point_imports_without_touching_the_network() -> None:
     import model_registry.__main__ as main
 
     assert callable(main.main)
-
-
-def test_start_up_removes_version_files_the_database_does_not_record(
-    make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
-) -> None:
-    client = authenticated(make_app(), service_token)
-    sent = client.post("/registry/upload-and-validate", data={
-        "model_name": "iris", "file": (io.BytesIO(make_zip(good())), "m.zip", "application/zip")})
-    assert sent.status_code == 201
-    kept = Path(sent.json["model"]["path"])
-    model_dir = kept.parent
-    # what a crash between the rename and the commit leaves: a version folder and a zip with no row
-    (model_dir / "v2").mkdir(mode=0o555)
-    (model_dir / ".zips" / "v2.zip").write_bytes(b"PK")
-    (settings.model_store / "m-0123456789ab" / "v1").mkdir(parents=True)
-    (settings.model_store / "README").write_text("not ours")
-    (model_dir / "notes.txt").write_text("not a version")
-
-    make_app()
-
-    assert sorted(p.name for p in model_dir.iterdir()) == [".zips", "notes.txt", "v1"]
-    assert sorted(p.name for p in (model_dir / ".zips").iterdir()) == ["v1.zip"]
-    assert list((settings.model_store / "m-0123456789ab").iterdir()) == []
-    assert (settings.model_store / "README").read_text() == "not ours"
-    assert (kept / "MANIFEST.json").is_file()

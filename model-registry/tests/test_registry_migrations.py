@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 
 from model_registry.store import MIGRATIONS, Base, Store, alembic_config
 
-TABLES = ["alembic_version", "aliases", "models", "versions"]
+TABLES = ["alembic_version", "aliases", "models", "store_owner", "versions"]
 
 
 def _differences(store: Store) -> list[object]:
@@ -85,5 +85,27 @@ def test_upgrading_a_database_with_versions_continues_their_numbering(tmp_path: 
         assert store.next_version("m-000000000001") == 6
         assert store.next_version("m-000000000002") == 1
         assert _differences(store) == []
+    finally:
+        store.close()
+
+
+def test_upgrading_a_database_from_before_store_owners_records_no_owner(tmp_path: Path) -> None:
+    """Given a database at 0002 with a model, when it is upgraded, it owns no store yet (the next start claims the
+    store when they share versions, see test_registry_store_ownership.py) and keeps its rows."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    command.upgrade(alembic_config(url), "0002")
+    store = Store(url)
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO models (id, name, created_at, last_version) VALUES "
+                                 "('m-000000000001', 'a', '2026-01-01', 3)")
+        store.create_schema()
+        assert store.owner() is None
+        assert store.has_records()
+        assert store.next_version("m-000000000001") == 4
+        assert _differences(store) == []
+        command.downgrade(alembic_config(url), "0002")
+        with store.engine.connect() as conn:
+            assert "store_owner" not in inspect(conn).get_table_names()
     finally:
         store.close()

@@ -167,7 +167,7 @@ def test_a_package_inflating_past_the_limit_is_refused(
     resp = client.post("/registry/upload-and-validate",
                        data={"model_name": "iris", "file": (io.BytesIO(data), "m.zip")})
     assert resp.status_code == 400 and "inflates to more than 2000 bytes" in resp.json["error"]["message"]
-    assert sorted(p.name for p in settings.model_store.iterdir()) == [".tmp"]
+    assert sorted(p.name for p in settings.model_store.iterdir()) == [".miaas-store.json", ".tmp"]
 
 
 @pytest.mark.parametrize("name", ["Iris", "../iris", "", "a" * 65, "m-0123456789ab"])
