@@ -20,7 +20,7 @@ from pathlib import Path
 from miaas.bus import MODEL_EVENTS, EventBus
 from miaas.errors import BadRequest, Conflict, NotFound, Unavailable
 from miaas.schemas import Manifest, ManifestFile, ModelEvent, ModelSummary, ModelVersion, PackageMeta
-from model_registry.storage import ModelStorage, Stage, VersionFacts, new_model_id, remove
+from model_registry.storage import ModelStorage, Stage, VersionFacts, new_model_id, remove, space_checked
 from model_registry.store import ModelRecord, Store, VersionRecord
 from model_registry.usage import UsageCheck
 from model_registry.validation import (
@@ -109,20 +109,21 @@ class ModelRegistry:
         bad = model_name_problem(name)
         if bad:
             raise BadRequest(bad, code="invalid_model_name")
-        stage = self.storage.stage()
-        started = time.perf_counter()
-        try:
-            package = validate_package(upload.path, self.limits, stage.open)
-            for folder in package.folders:
-                stage.make_folder(folder)
-            manifest_sha256 = stage.write_manifest(_manifest(package, upload))
-            validated = time.perf_counter()
-            stage.seal()
-            sealed = time.perf_counter()
-            with self._locks.hold(name):
-                record = self._commit(name, stage, upload, manifest_sha256, package.meta, created_by)
-        finally:
-            remove(stage.path)  # already gone when it was published
+        with space_checked(self.storage.root):  # a full store is a 507, and leaves nothing behind either
+            stage = self.storage.stage()
+            started = time.perf_counter()
+            try:
+                package = validate_package(upload.path, self.limits, stage.open)
+                for folder in package.folders:
+                    stage.make_folder(folder)
+                manifest_sha256 = stage.write_manifest(_manifest(package, upload))
+                validated = time.perf_counter()
+                stage.seal()
+                sealed = time.perf_counter()
+                with self._locks.hold(name):
+                    record = self._commit(name, stage, upload, manifest_sha256, package.meta, created_by)
+            finally:
+                remove(stage.path)  # already gone when it was published
         self._announce(record)
         log.info("stored %s (%s) v%d from %s: %d bytes, validated and extracted in %.2f s, flushed in %.2f s, "
                  "published in %.2f s", record.model_id, name, record.version, created_by, upload.size_bytes,
@@ -144,26 +145,27 @@ class ModelRegistry:
                 "invalid edit: " + "; ".join(p.message for p in problems),
                 code="invalid_edit", details=[p.to_dict() for p in problems],
             )
-        path, out = self.storage.spool()
-        try:
-            with out, zipfile.ZipFile(out, "w") as zf:
-                for entry in manifest.files:
-                    if entry.path in edits:
-                        continue
-                    info = _zip_info(entry.path, zipfile.ZIP_STORED)
-                    with open(_inside(folder, entry.path), "rb") as src, \
-                            zf.open(info, "w", force_zip64=entry.size_bytes >= ZIP64_FROM) as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                for name in sorted(edits):
-                    zf.writestr(_zip_info(name, zipfile.ZIP_DEFLATED), edits[name].encode())
-            digest = hashlib.sha256()
-            with open(path, "rb") as done:
-                while chunk := done.read(1 << 20):
-                    digest.update(chunk)
-            received = ReceivedZip(path, path.stat().st_size, digest.hexdigest())
-            published = self.upload(base.name, received, created_by)
-        finally:
-            remove(path)  # already gone when it was published
+        with space_checked(self.storage.root):
+            path, out = self.storage.spool()
+            try:
+                with out, zipfile.ZipFile(out, "w") as zf:
+                    for entry in manifest.files:
+                        if entry.path in edits:
+                            continue
+                        info = _zip_info(entry.path, zipfile.ZIP_STORED)
+                        with open(_inside(folder, entry.path), "rb") as src, \
+                                zf.open(info, "w", force_zip64=entry.size_bytes >= ZIP64_FROM) as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                    for name in sorted(edits):
+                        zf.writestr(_zip_info(name, zipfile.ZIP_DEFLATED), edits[name].encode())
+                digest = hashlib.sha256()
+                with open(path, "rb") as done:
+                    while chunk := done.read(1 << 20):
+                        digest.update(chunk)
+                received = ReceivedZip(path, path.stat().st_size, digest.hexdigest())
+                published = self.upload(base.name, received, created_by)
+            finally:
+                remove(path)  # already gone when it was published
         log.info("%s v%d edited from v%d by %s (%s)", base.model_id, published.version.version, base.version,
                  created_by, ", ".join(sorted(edits)))
         return published

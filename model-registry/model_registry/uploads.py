@@ -2,14 +2,15 @@
 
 Flask's form parser asks the request class for a stream per uploaded file; `SpoolingRequest` hands it a
 `SpooledFile` in the model store's `.tmp` (same filesystem as the versions, so publishing is a rename). The file is
-never held in memory, a file over the cap stops the parse with a 413, and every spooled file is removed when the
-request ends unless it was published.
+never held in memory, a file over the cap stops the parse with a 413, a full store stops it with a 507, and every
+spooled file is removed when the request ends unless it was published.
 """
 
 from __future__ import annotations
 
 import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, cast
 
@@ -17,7 +18,7 @@ from flask import Flask, Request, current_app, request
 
 from miaas.errors import BadRequest, PayloadTooLarge
 from model_registry.registry import ReceivedZip
-from model_registry.storage import ModelStorage, remove
+from model_registry.storage import ModelStorage, remove, space_checked
 
 SPOOL = "model_registry.spool"
 FORM_OVERHEAD = 1 << 20
@@ -31,8 +32,9 @@ class SpooledFile:
     on a helper thread while the next one is received and written (hashing and writing both release the GIL).
     """
 
-    def __init__(self, path: Path, file: IO[bytes], max_bytes: int) -> None:
+    def __init__(self, path: Path, file: IO[bytes], max_bytes: int, store_root: Path | None = None) -> None:
         self.path = path
+        self.store_root = store_root or path.parent
         self.max_bytes = max_bytes
         self.size_bytes = 0
         self.published = False
@@ -58,7 +60,8 @@ class SpooledFile:
         if self._hashing is not None:
             self._hashing.result()
         self._hashing = self._hasher.submit(self._sha256.update, block)
-        self._file.write(block)
+        with space_checked(self.store_root):
+            self._file.write(block)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         self.flush()
@@ -78,7 +81,8 @@ class SpooledFile:
     def flush(self) -> None:
         if self._block:
             self._write_block()
-        self._file.flush()
+        with space_checked(self.store_root):
+            self._file.flush()
 
     def readable(self) -> bool:
         return True
@@ -95,10 +99,13 @@ class SpooledFile:
 
     def close(self) -> None:
         try:
-            if not self._file.closed:
-                self.flush()
+            with space_checked(self.store_root):
+                try:
+                    if not self._file.closed:
+                        self.flush()
+                finally:
+                    self._file.close()  # flushes what is buffered: may fail on a full store as well
         finally:
-            self._file.close()
             if self._hasher is not None:
                 self._hasher.shutdown(wait=True)
 
@@ -110,8 +117,13 @@ class SpooledFile:
         return ReceivedZip(self.path, self.size_bytes, self._sha256.hexdigest())
 
     def discard(self) -> None:
-        """Close, and remove the file unless it was published."""
+        """Close, and remove the file unless it was published. What was not written yet is dropped (writing it could
+        fail again on a full store, and the file is going anyway)."""
         try:
+            if not self.published:
+                self._block = bytearray()
+                with suppress(OSError):
+                    self._file.close()  # may flush a last buffered piece: on a full store that fails
             self.close()
         finally:
             if not self.published:
@@ -126,8 +138,9 @@ class Spool:
         self.max_bytes = max_bytes
 
     def open(self) -> SpooledFile:
-        path, file = self.storage.spool()
-        return SpooledFile(path, file, self.max_bytes)
+        with space_checked(self.storage.root):
+            path, file = self.storage.spool()
+        return SpooledFile(path, file, self.max_bytes, self.storage.root)
 
 
 class SpoolingRequest(Request):
