@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -62,11 +63,11 @@ class VenvCache:
         key = self.key(content)
         link = self.root / key
         if link.exists():
-            return Venv(link.resolve(), built=False)
+            return Venv(_readable_venv(link.resolve()), built=False)
         self.root.mkdir(parents=True, exist_ok=True)
         with build_lock(self.root / f"{key}.lock", "virtualenv", deadline, cancelled):
             if link.exists():  # another agent built it while we waited
-                return Venv(link.resolve(), built=False)
+                return Venv(_readable_venv(link.resolve()), built=False)
             builds = self.root / ".builds"
             builds.mkdir(exist_ok=True)
             target = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=builds))
@@ -76,6 +77,7 @@ class VenvCache:
                     pip = [str(target / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
                            "--no-input", "-r", str(requirements_file)]
                     run(pip, "installing requirements.txt")
+                make_readable(target)  # sandboxed models run as other uids: they read it, never write it
                 staged = self.root / f".{key}.{uuid.uuid4().hex}.link"
                 os.symlink(os.path.relpath(target, self.root), staged)
                 os.replace(staged, link)
@@ -83,3 +85,29 @@ class VenvCache:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
             return Venv(link.resolve(), built=True)
+
+
+def _readable_venv(path: Path) -> Path:
+    """A cached venv, made readable by every user if an older agent built it private (mkdtemp's 0700)."""
+    if stat.S_IMODE(path.stat().st_mode) & 0o005 != 0o005:
+        make_readable(path)
+    return path
+
+
+def make_readable(root: Path) -> None:
+    """Let every user read (never write) a tree the agent built for its models: a venv made under the agent's
+    umask, or in a 0700 mkdtemp folder. Symlinks are left alone and never followed."""
+    for folder, _dirs, files in os.walk(root):
+        _readable(Path(folder), folder=True)
+        for name in files:
+            _readable(Path(folder) / name, folder=False)
+
+
+def _readable(path: Path, *, folder: bool) -> None:
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    wanted = (mode | 0o444 | (0o111 if folder or mode & 0o100 else 0)) & ~0o022
+    if wanted != mode:
+        os.chmod(path, wanted)
