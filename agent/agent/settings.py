@@ -6,13 +6,30 @@ import re
 import socket
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from agent.firewall import Endpoint, parse_endpoint
 from miaas.settings import ServiceSettings
 
 _RANGE = re.compile(r"^\s*(\d{1,5})\s*-\s*(\d{1,5})\s*$")
+_RANGE_ANY = re.compile(r"^\s*(\d{1,10})\s*-\s*(\d{1,10})\s*$")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_uid_range(value: str) -> tuple[int, int]:
+    """'lo-hi' → (lo, hi), both inclusive, 1000 ≤ lo ≤ hi < 65534 (no system uid, never nobody)."""
+    match = _RANGE_ANY.match(value)
+    if match is None:
+        raise ValueError(f"uid range must look like 'lo-hi' (e.g. 61000-61999), not {value!r}")
+    lo, hi = int(match[1]), int(match[2])
+    if not 1000 <= lo <= hi < 65534:
+        raise ValueError(f"uid range {value!r} must satisfy 1000 <= lo <= hi < 65534")
+    return lo, hi
 
 
 def default_agent_id() -> str:
@@ -63,6 +80,27 @@ class AgentSettings(ServiceSettings):
     stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when stopping a model")
     stop_deployments_on_exit: bool = True
 
+    # ---- the process runtime's sandbox (agent/README.md, "The sandbox")
+    sandbox: Literal["bwrap", "none"] = Field(
+        "bwrap", description="bwrap: each model in bubblewrap as a uid of its own; none: as the agent (trusted only)"
+    )
+    sandbox_uid_range: str = Field("61000-61999", description="uids handed to sandboxed models, 'lo-hi' inclusive")
+    sandbox_allow_outbound: list[str] = Field(
+        default_factory=list,
+        description="JSON list of [tcp:|udp:]ADDRESS[/PREFIX][:PORT] a model may connect to (default: nowhere)",
+    )
+    sandbox_deny_ports: list[int] = Field(
+        default_factory=lambda: [8500, 8510, 8520, 8600, 8080, 9092],
+        description="TCP ports refused to models on every address even when allow-listed (the agent's own port, "
+                    "the service registry's and the broker's are always added)",
+    )
+    sandbox_env: dict[str, str] = Field(
+        default_factory=dict, description="JSON object of extra variables for every sandboxed model"
+    )
+    sandbox_lock_dir: Path = Field(
+        Path("/run/miaas-sandbox"), description="host-wide uid locks of the sandbox (shared by a host's agents)"
+    )
+
     # ---- the vagrant runtime (agent/README.md, "The vagrant runtime")
     model_store: Path = Field(
         Path(".miaas/models"),
@@ -106,3 +144,60 @@ class AgentSettings(ServiceSettings):
     @property
     def port_bounds(self) -> tuple[int, int]:
         return parse_port_range(self.port_range)
+
+    @field_validator("sandbox_uid_range")
+    @classmethod
+    def _valid_uid_range(cls, value: str) -> str:
+        parse_uid_range(value)
+        return value
+
+    @field_validator("sandbox_allow_outbound")
+    @classmethod
+    def _valid_endpoints(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_endpoint(entry)
+        return value
+
+    @field_validator("sandbox_deny_ports")
+    @classmethod
+    def _valid_ports(cls, value: list[int]) -> list[int]:
+        bad = [p for p in value if not 1 <= p <= 65535]
+        if bad:
+            raise ValueError(f"ports must be 1-65535, not {bad}")
+        return value
+
+    @field_validator("sandbox_env")
+    @classmethod
+    def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k in value if not _ENV_NAME.match(k))
+        if bad:
+            raise ValueError(f"variable names must look like NAME_1, not {bad}")
+        return value
+
+    @property
+    def sandbox_uid_bounds(self) -> tuple[int, int]:
+        return parse_uid_range(self.sandbox_uid_range)
+
+    @property
+    def sandbox_endpoints(self) -> list[Endpoint]:
+        return [parse_endpoint(entry) for entry in self.sandbox_allow_outbound]
+
+    @property
+    def sandbox_denied_ports(self) -> list[int]:
+        """sandbox_deny_ports plus the cluster ports this agent knows: its own, the service registry's, the
+        broker's."""
+        ports = set(self.sandbox_deny_ports)
+        if self.port:
+            ports.add(self.port)
+        for url in (self.service_registry_url, self.public_url):
+            if url:
+                try:
+                    parts = urlsplit(url)
+                    ports.add(parts.port or (443 if parts.scheme == "https" else 80))
+                except ValueError:
+                    pass
+        for server in self.kafka_bootstrap.split(","):
+            _, _, port = server.strip().rpartition(":")
+            if port.isdigit() and 1 <= int(port) <= 65535:
+                ports.add(int(port))
+        return sorted(ports)

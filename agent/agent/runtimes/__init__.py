@@ -7,6 +7,7 @@ from collections.abc import Callable
 from agent.gpus import GpuAllocator
 from agent.runtimes.base import DeploymentSpec, Recoverable, RecoveredDeployment, Runtime, RuntimeState
 from agent.runtimes.process import ProcessRuntime
+from agent.runtimes.sandbox import BwrapSandbox, NoSandbox, SandboxConfig
 from agent.runtimes.vagrant import VagrantRuntime
 from agent.runtimes.vagrant_driver import VagrantDriver
 from agent.runtimes.vagrantfile import VagrantConfig
@@ -15,13 +16,27 @@ from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 
 
+def sandbox_config(settings: AgentSettings) -> SandboxConfig:
+    """The process runtime's sandbox, as the agent's settings describe it."""
+    return SandboxConfig(
+        uid_range=settings.sandbox_uid_bounds,
+        allow_outbound=tuple(settings.sandbox_endpoints),
+        deny_ports=tuple(settings.sandbox_denied_ports),
+        lock_dir=settings.sandbox_lock_dir,
+        env=dict(settings.sandbox_env),
+    )
+
+
 def _process(settings: AgentSettings, gpus: GpuAllocator) -> Runtime:
-    return ProcessRuntime(
+    runtime = ProcessRuntime(
         VenvCache(settings.venv_cache_dir),
+        sandbox=BwrapSandbox(sandbox_config(settings)) if settings.sandbox == "bwrap" else NoSandbox(),
         provision_timeout_s=settings.provision_timeout_s,
         stop_grace_s=settings.stop_grace_s,
         gpus=gpus,
     )
+    runtime.prepare()  # the sandbox's firewall rules: a failure stops the agent from starting
+    return runtime
 
 
 def vagrant_config(settings: AgentSettings) -> VagrantConfig:
@@ -72,5 +87,5 @@ def build_runtimes(settings: AgentSettings, gpus: GpuAllocator | None = None) ->
 
 __all__ = [
     "RUNTIME_KINDS", "DeploymentSpec", "RecoveredDeployment", "Recoverable", "Runtime", "RuntimeState",
-    "build_runtimes", "vagrant_config",
+    "build_runtimes", "sandbox_config", "vagrant_config",
 ]

@@ -1,7 +1,9 @@
-"""The process runtime: a model runs as a process group on the agent's machine, in a cached virtualenv.
+"""The process runtime: a model runs on the agent's machine, in a cached virtualenv.
 
-Trusted code only: this is not a sandbox. The model runs as the agent's user with the agent's access to the
-machine; only the environment variables are filtered so the cluster token does not leak into it.
+By default (AGENT_SANDBOX=bwrap) every setup and start command runs in the deployment's bubblewrap sandbox as a
+uid of its own, with an environment built from nothing and no outbound connection but its own ports
+(sandbox.py, firewall.py). With AGENT_SANDBOX=none (trusted code only) a model runs as the agent's user with the
+agent's access to the machine; only its environment is filtered so the cluster token does not leak into it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import contextlib
 import http.client
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from agent.errors import ProvisionCancelled, ProvisionFailed
 from agent.gpus import GpuAllocator, cuda_env
 from agent.logtail import tail_lines
 from agent.runtimes.base import DeploymentSpec, RuntimeState
+from agent.runtimes.sandbox import BwrapSandbox, Cell, NoSandbox, SandboxUnavailable, port_env_name
 from agent.runtimes.venvs import Venv, VenvCache
 from miaas.schemas import DeploymentStatus
 
@@ -44,11 +46,6 @@ _INHERITED_PREFIXES = ("LC_", "PIP_")
 _PROXIES = {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
 
 
-def port_env_name(name: str) -> str:
-    """MIAAS_PORT_<NAME> for a meta.json port name (upper case, other characters as '_')."""
-    return "MIAAS_PORT_" + re.sub(r"[^A-Z0-9]", "_", name.upper())
-
-
 def inherited_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The part of the agent's environment a model may see: locale, home, proxies, pip and GPU settings."""
     base = os.environ if base is None else base
@@ -62,7 +59,8 @@ def inherited_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def model_env(spec: DeploymentSpec, venv: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of the model's setup and start commands."""
+    """The environment of the model's setup and start commands without a sandbox (AGENT_SANDBOX=none); in the
+    sandbox it is sandbox.sandbox_env, which copies nothing of the agent's."""
     base = os.environ if base is None else base
     env = inherited_env(base)
     env.update(spec.env)
@@ -123,12 +121,15 @@ class _Deployment:
     cancelled: threading.Event = field(default_factory=threading.Event)
     step: subprocess.Popen[bytes] | None = None
     model: subprocess.Popen[bytes] | None = None
+    cell: Cell | None = None
+    """The deployment's sandbox (uid, mounts, environment) while it holds one."""
     stopped: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class ProcessRuntime:
-    """Runs each deployment's start commands as one bash script in its own session (process group)."""
+    """Runs each deployment's start commands as one bash script: in its sandbox (default), or in its own session
+    (process group) as the agent's user (NoSandbox)."""
 
     name = "process"
 
@@ -136,12 +137,14 @@ class ProcessRuntime:
         self,
         venvs: VenvCache,
         *,
+        sandbox: BwrapSandbox | NoSandbox | None = None,
         provision_timeout_s: float = 600.0,
         stop_grace_s: float = 10.0,
         probe: Callable[[int, str | None], bool] = answers,
         gpus: GpuAllocator | None = None,
     ) -> None:
         self.venvs = venvs
+        self.sandbox: BwrapSandbox | NoSandbox = BwrapSandbox() if sandbox is None else sandbox
         self.gpus = gpus or GpuAllocator(lambda: [])
         self.provision_timeout_s = provision_timeout_s
         self.stop_grace_s = stop_grace_s
@@ -149,6 +152,20 @@ class ProcessRuntime:
         self._deployments: dict[str, _Deployment] = {}
         self._stopped_before_start: set[str] = set()
         self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """At agent start: the sandbox's firewall rules (SandboxUnavailable when they cannot be written), or a
+        warning that models run unconfined."""
+        if isinstance(self.sandbox, BwrapSandbox):
+            self.sandbox.start()
+        else:
+            log.warning("AGENT_SANDBOX=none: models of the process runtime run as the agent's user, with its access "
+                        "to this machine, its files and the cluster's ports; run trusted models only")
+
+    def close(self) -> None:
+        """At agent exit (also done at interpreter exit): the sandbox's rules go once no model holds a uid."""
+        if isinstance(self.sandbox, BwrapSandbox):
+            self.sandbox.close()
 
     # ------------------------------------------------------------------ the Runtime interface
 
@@ -192,7 +209,7 @@ class ProcessRuntime:
         if model is None:
             return RuntimeState(DeploymentStatus.PROVISIONING)
         code = model.poll()
-        if code is None or group_alive(model.pid):
+        if code is None or self._leftovers(dep, model):
             return RuntimeState(DeploymentStatus.RUNNING)
         return RuntimeState(DeploymentStatus.FAILED, self._reason(dep, f"the model exited with code {code}"))
 
@@ -224,6 +241,9 @@ class ProcessRuntime:
     def _provision(self, dep: _Deployment, deadline: float) -> None:
         spec = dep.spec
         self._note(dep, f"deployment {spec.deployment_id}: model {spec.model_id} v{spec.version} on port {spec.port}")
+        sandbox = self.sandbox if isinstance(self.sandbox, BwrapSandbox) else None
+        if sandbox is not None and (problem := sandbox.missing()):
+            raise ProvisionFailed(f"the process runtime refuses to start models: {problem}")
         reserved = self.gpus.reserve(spec.deployment_id, spec.meta.resources.gpus)
 
         def run(argv: list[str], what: str) -> None:
@@ -234,15 +254,20 @@ class ProcessRuntime:
             spec.model_path / "requirements.txt", run=run, deadline=deadline, cancelled=dep.cancelled
         )
         self._note(dep, f"{'built' if venv.built else 'reusing'} virtualenv {venv.path}")
-        env = model_env(spec, venv.path)
-        env.update(cuda_env(reserved, host_has_gpus=bool(self.gpus.devices())))
+        cuda = cuda_env(reserved, host_has_gpus=bool(self.gpus.devices()))
         if reserved:
-            self._note(dep, "GPUs reserved: CUDA_VISIBLE_DEVICES=" + env["CUDA_VISIBLE_DEVICES"])
+            self._note(dep, "GPUs reserved: CUDA_VISIBLE_DEVICES=" + cuda["CUDA_VISIBLE_DEVICES"])
+        script = "\n".join(spec.meta.start_commands)
+        if sandbox is None:
+            env = {**model_env(spec, venv.path), **cuda}
+        else:
+            env = self._enter(dep, sandbox, venv.path, cuda, bool(reserved))
+            # The sandbox ends with its script: keep it while what the script started in the background runs.
+            script += "\n__miaas_code=$?; wait; exit $__miaas_code"
         for number, command in enumerate(spec.meta.setup_commands, 1):
             self._note(dep, f"setup command {number}: {command}")
             self._run_step(dep, ["bash", "-c", command], f"setup command {number} ({command})",
                            cwd=spec.model_path, env=env, deadline=deadline)
-        script = "\n".join(spec.meta.start_commands)
         self._note(dep, "starting: " + " ; ".join(spec.meta.start_commands))
         with dep.lock:
             if dep.cancelled.is_set():
@@ -250,6 +275,23 @@ class ProcessRuntime:
             dep.model = self._spawn(dep, ["bash", "-c", script], cwd=spec.model_path, env=env)
         self._wait_until_answering(dep, dep.model, deadline)
         self._note(dep, f"running: port {spec.port} answers")
+
+    def _enter(
+        self, dep: _Deployment, sandbox: BwrapSandbox, venv: Path, cuda: dict[str, str], gpus: bool
+    ) -> dict[str, str]:
+        """Take the deployment's sandbox (uid, home, firewall rules); its environment is the commands'."""
+        try:
+            cell = sandbox.enter(dep.spec, venv, gpus=gpus, cuda=cuda)
+        except SandboxUnavailable as exc:
+            raise ProvisionFailed(f"the process runtime refuses to start the model: {exc}") from exc
+        with dep.lock:
+            dep.cell = cell
+            if dep.cancelled.is_set():
+                raise ProvisionCancelled("stopped before the sandbox was ready")
+        allowed = ", ".join(str(e) for e in sandbox.config.allow_outbound) or "none"
+        self._note(dep, f"sandbox: bwrap as uid {cell.uid}; {dep.spec.model_path.name} read-only at /app, "
+                        f"writable /work and /tmp; outbound connections: its own ports only (allow-list: {allowed})")
+        return cell.env
 
     def _wait_until_answering(self, dep: _Deployment, model: subprocess.Popen[bytes], deadline: float) -> None:
         spec = dep.spec
@@ -260,7 +302,7 @@ class ProcessRuntime:
             if self.probe(spec.port, spec.meta.health_path):
                 return
             code = model.poll()
-            if code is not None and (code != 0 or not group_alive(model.pid)):
+            if code is not None and (code != 0 or not self._leftovers(dep, model)):
                 raise ProvisionFailed(self._reason(dep, f"the start commands exited with code {code} "
                                                         f"before port {spec.port} answered {what}"))
             if time.monotonic() > deadline:
@@ -290,7 +332,7 @@ class ProcessRuntime:
                                                             f"timeout of {self.provision_timeout_s:g} s"))
         finally:
             if proc.poll() is None:
-                self._terminate(proc, grace=1.0)
+                self._terminate(dep, proc, grace=1.0)
             with dep.lock:
                 dep.step = None
         if dep.cancelled.is_set():
@@ -303,6 +345,9 @@ class ProcessRuntime:
     ) -> subprocess.Popen[bytes]:
         if env is None:
             env = inherited_env()  # a venv build: no venv yet, and no model variables needed
+        elif dep.cell is not None:  # a model's command: in its sandbox (cwd /app there)
+            with dep.log_path.open("ab") as out:
+                return dep.cell.spawn(argv, out)
         with dep.log_path.open("ab") as out:
             return subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -315,12 +360,20 @@ class ProcessRuntime:
         with dep.lock:
             procs = [p for p in (dep.step, dep.model) if p is not None]
         for proc in procs:
-            self._terminate(proc, grace=self.stop_grace_s)
+            self._terminate(dep, proc, grace=self.stop_grace_s)
+        with dep.lock:
+            cell, dep.cell = dep.cell, None
+        if cell is not None and isinstance(self.sandbox, BwrapSandbox):
+            self.sandbox.kill_leftovers(cell)
+            self.sandbox.leave(cell)
         self.gpus.release(dep.spec.deployment_id)
 
-    @staticmethod
-    def _terminate(proc: subprocess.Popen[bytes], *, grace: float) -> None:
-        """SIGTERM to the process group, SIGKILL to what is left after `grace` seconds."""
+    def _terminate(self, dep: _Deployment, proc: subprocess.Popen[bytes], *, grace: float) -> None:
+        """SIGTERM to the model's processes, SIGKILL to what is left after `grace` seconds."""
+        cell = dep.cell
+        if cell is not None and isinstance(self.sandbox, BwrapSandbox):
+            self.sandbox.terminate(cell, proc, grace=grace)
+            return
         pgid = proc.pid  # start_new_session: the leader's pid is the group id
         if proc.poll() is not None and not group_alive(pgid):
             return  # already gone: never signal a group id that may have been reused
@@ -343,6 +396,11 @@ class ProcessRuntime:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
         with dep.log_path.open("a", encoding="utf-8") as out:
             out.write(f"[agent {stamp}Z] {line}\n")
+
+    @staticmethod
+    def _leftovers(dep: _Deployment, proc: subprocess.Popen[bytes]) -> bool:
+        """After the script's exit: does something it started still run? (A sandbox ends with its script.)"""
+        return dep.cell is None and group_alive(proc.pid)
 
     def _reason(self, dep: _Deployment, what: str) -> str:
         lines = tail_lines(dep.log_path, REASON_LINES)
