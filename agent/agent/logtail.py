@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 _BLOCK = 64 * 1024
 MAX_TAIL_BYTES = 4 * 1024 * 1024
@@ -54,6 +55,8 @@ class LogFollower:
         self.paths = list(paths)
         self._offsets = {path: _size(path) for path in self.paths}
         self._partial = {path: b"" for path in self.paths}
+        self.ended: Literal["done", "max_s", "write_timeout"] | None = None
+        """Why follow() ended, once it has."""
 
     def read(self) -> list[str]:
         """The complete lines written since the last read, file by file."""
@@ -83,25 +86,35 @@ class LogFollower:
         *,
         done: Callable[[], bool],
         max_s: float,
+        write_timeout_s: float | None = None,
         poll_s: float = 0.5,
         check_every_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> Iterator[str]:
         """Each new line (with its newline) as it comes, until done() (asked at most every check_every_s; what
-        was written before is still read) or until max_s have passed."""
+        was written before is still read), until max_s have passed, or until the consumer took longer than
+        write_timeout_s to take one line (a server writes each one before it asks for the next: a client that
+        reads too slowly would hold the server's thread). `ended` then says which: done, max_s or write_timeout."""
         started = checked = clock()
+        self.ended = None
         while True:
             for line in self.read():
+                handed = clock()
                 yield line + "\n"
+                if write_timeout_s is not None and clock() - handed > write_timeout_s:
+                    self.ended = "write_timeout"
+                    return
             now = clock()
             if now - started >= max_s:
+                self.ended = "max_s"
                 return
             if now - checked >= check_every_s:
                 checked = now
                 if done():
                     for line in [*self.read(), *self.rest()]:
                         yield line + "\n"
+                    self.ended = "done"
                     return
             sleep(poll_s)
 

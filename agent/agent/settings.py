@@ -101,6 +101,13 @@ class AgentSettings(ServiceSettings):
         Path("/run/miaas-sandbox"), description="host-wide uid locks of the sandbox (shared by a host's agents)"
     )
 
+    # ---- logs
+    logs_follow_max_s: float = Field(600.0, gt=0, description="a followed log ends after this many seconds at most")
+    logs_write_timeout_s: float = Field(
+        30.0, gt=0, description="a followed log ends when a client takes longer than this to take a chunk"
+    )
+    logs_max_follows: int = Field(8, ge=1, description="log follows at once; more are refused with 503")
+
     # ---- the vagrant runtime (agent/README.md, "The vagrant runtime")
     model_store: Path = Field(
         Path(".miaas/models"),
