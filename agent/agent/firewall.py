@@ -34,6 +34,7 @@ CHAIN_PREFIX = "MIAAS-MODELS-"
 OWN_CHAIN_PREFIX = "MIAAS-OWN-"
 INSTALL_HINT = "apt-get install iptables"
 _TIMEOUT_S = 30
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -133,7 +134,7 @@ class Firewall:
         """Why the rules cannot be written here (a binary is missing), or None."""
         for binary in self.binaries.values():
             for tool in (binary, f"{binary}-restore"):
-                if shutil.which(tool) is None:
+                if shutil.which(tool, path=_PATH) is None:
                     return f"{tool} is not installed ({INSTALL_HINT})"
         return None
 
@@ -160,7 +161,7 @@ class Firewall:
     def remove(self) -> None:
         """Take this range's jump out of OUTPUT, then its chains."""
         for binary in self.binaries.values():
-            if shutil.which(binary) is None:
+            if shutil.which(binary, path=_PATH) is None:
                 continue
             while self._has_jump(binary):
                 self._run(binary, ["-D", "OUTPUT", *self._jump()])
@@ -227,7 +228,7 @@ class Firewall:
         argv = [binary, *(["-w"] if wait else []), *args]
         try:
             done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT_S,
-                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+                                  env={"PATH": _PATH, "LC_ALL": "C"})
         except FileNotFoundError:
             raise FirewallError(f"{binary} is not installed ({INSTALL_HINT})") from None
         except subprocess.TimeoutExpired:

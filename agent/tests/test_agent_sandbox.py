@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
@@ -27,7 +28,7 @@ from agent.errors import ProvisionFailed
 from agent.firewall import Firewall, parse_endpoint
 from agent.runtimes.base import DeploymentSpec
 from agent.runtimes.process import ProcessRuntime
-from agent.runtimes.sandbox import BwrapSandbox, SandboxConfig, SandboxUnavailable, processes_of
+from agent.runtimes.sandbox import SYSTEM_PATH, BwrapSandbox, SandboxConfig, SandboxUnavailable, processes_of
 from agent.runtimes.venvs import VenvCache, make_readable
 from agent.settings import AgentSettings
 from miaas.schemas import PackageMeta
@@ -164,6 +165,10 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
     seen = cmdlines + json.dumps(found["env"])
     assert str(settings.state_dir) not in seen and str(store.root) not in seen  # not even a host path
     assert found["procs"]["1"]["environ"]["result"] == "denied"  # bwrap's init runs as root
+    # (root runs bwrap and setpriv by their absolute paths, never found in the model's PATH, its venv first)
+    init = found["procs"]["1"]["cmdline"]["data"].split("\0")
+    assert init[0] == shutil.which("bwrap", path=SYSTEM_PATH) and init[1] == "--args"
+    assert init[init.index("--") + 1] == shutil.which("setpriv", path=SYSTEM_PATH)
     # and nothing of the agent's folders, settings, credentials or another model is there
     files = found["files"]
     for path in [state, state / "dep-h1" / "model.log", state / "dep-h2", Path.cwd() / ".env", Path.cwd(),
@@ -368,3 +373,28 @@ def test_the_sandbox_setting_is_bwrap_by_default_and_validated(service_token: st
             AgentSettings(service_token=service_token, **bad)
     assert str(parse_endpoint("udp:[fd00::1]:53")) == "udp:[fd00::1/128]:53"
     assert str(parse_endpoint("10.0.0.0/8")) == "tcp:10.0.0.0/8"
+
+
+def test_the_sandbox_environment_is_built_from_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # given an agent whose environment holds secrets, proxies and pip settings
+    from agent.runtimes.sandbox import sandbox_env
+
+    for name, value in {"MIAAS_SERVICE_TOKEN": "secret-token", "AWS_SECRET_ACCESS_KEY": "x", "HOME": "/root",
+                        "HTTPS_PROXY": "http://user:pw@proxy:3128", "PIP_INDEX_URL": "https://u:p@index",
+                        "LANG": "de_DE.UTF-8", "LD_PRELOAD": "/evil.so"}.items():
+        monkeypatch.setenv(name, value)
+    base = spec(tmp_path)
+    deployment = DeploymentSpec(**{**base.__dict__, "env": {"PORT": "1", "FROM_SPEC": "yes"},
+                                   "ports": {"web ui": 20099, "grpc": 20100}})
+
+    # when the environment of a sandboxed command is made, with an operator's extra variable
+    env = sandbox_env(deployment, Path("/venvs/abc"), extra={"HTTPS_PROXY": "http://10.0.0.9:3128", "PORT": "2"})
+
+    # then it holds the model's variables only, the runtime's values winning, and nothing of the agent's
+    assert env["PATH"].startswith("/venvs/abc/bin:") and env["VIRTUAL_ENV"] == "/venvs/abc"
+    assert (env["HOME"], env["PORT"], env["MIAAS_PORT_WEB_UI"], env["MIAAS_PORT_GRPC"]) == ("/work", "20099",
+                                                                                          "20099", "20100")
+    assert env["LANG"] == "de_DE.UTF-8" and env["FROM_SPEC"] == "yes"
+    assert env["HTTPS_PROXY"] == "http://10.0.0.9:3128"
+    assert not {"MIAAS_SERVICE_TOKEN", "AWS_SECRET_ACCESS_KEY", "PIP_INDEX_URL", "LD_PRELOAD"} & set(env)
+    assert "secret-token" not in json.dumps(env)

@@ -322,10 +322,10 @@ class BwrapSandbox:
 
     def missing(self) -> str | None:
         """Why no model can be started here, or None."""
-        if shutil.which(self.config.bwrap) is None:
+        if self._tool(self.config.bwrap) is None:
             return (f"bubblewrap ({self.config.bwrap}) is not installed: {BWRAP_HINT} "
                     "(or AGENT_SANDBOX=none for trusted models only)")
-        if shutil.which(self.config.setpriv) is None:
+        if self._tool(self.config.setpriv) is None:
             return f"setpriv is not installed: {SETPRIV_HINT}"
         if os.geteuid() != 0:
             return "the bwrap sandbox needs the agent to run as root (or AGENT_SANDBOX=none for trusted models only)"
@@ -337,8 +337,9 @@ class BwrapSandbox:
               cuda: Mapping[str, str] | None = None) -> Cell:
         """A uid, a fresh home, and the firewall rules in place for one deployment (undo with leave())."""
         problem = self.missing()
-        if problem:
-            raise SandboxUnavailable(problem)
+        bwrap, setpriv = self._tool(self.config.bwrap), self._tool(self.config.setpriv)
+        if problem or bwrap is None or setpriv is None:
+            raise SandboxUnavailable(problem or "bwrap or setpriv is missing")
         with self._host_lock():
             lease = self.uids.acquire(spec.deployment_id)
             try:
@@ -358,7 +359,7 @@ class BwrapSandbox:
             raise
         env = sandbox_env(spec, venv, extra=self.config.env)
         env.update(cuda or {})
-        return Cell(spec.deployment_id, lease, mounts, env, self.config.bwrap, self.config.setpriv, home)
+        return Cell(spec.deployment_id, lease, mounts, env, bwrap, setpriv, home)
 
     def leave(self, cell: Cell) -> None:
         """After every process of the cell is gone: its rules out, its uid free."""
@@ -390,6 +391,12 @@ class BwrapSandbox:
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _tool(name: str) -> str | None:
+        """The absolute path of a system tool: never looked up in a model's PATH, whose venv comes first (a
+        requirement could install a `bwrap` or `setpriv` there, which root would then run)."""
+        return shutil.which(name, path=SYSTEM_PATH)
 
     def _release(self, lease: UidLease) -> None:
         try:
