@@ -397,10 +397,9 @@ class ProcessRuntime:
         with dep.log_path.open("a", encoding="utf-8") as out:
             out.write(f"[agent {stamp}Z] {line}\n")
 
-    @staticmethod
-    def _leftovers(dep: _Deployment, proc: subprocess.Popen[bytes]) -> bool:
+    def _leftovers(self, dep: _Deployment, proc: subprocess.Popen[bytes]) -> bool:
         """After the script's exit: does something it started still run? (A sandbox ends with its script.)"""
-        return dep.cell is None and group_alive(proc.pid)
+        return not isinstance(self.sandbox, BwrapSandbox) and group_alive(proc.pid)
 
     def _reason(self, dep: _Deployment, what: str) -> str:
         lines = tail_lines(dep.log_path, REASON_LINES)

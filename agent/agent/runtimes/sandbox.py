@@ -298,12 +298,9 @@ class BwrapSandbox:
                                      f"{', '.join(accounts[:5])}; choose a range no account uses")
         with self._host_lock():
             try:
-                self.firewall.install()
+                self._install()
             except FirewallError as exc:
                 raise SandboxUnavailable(f"the sandbox's firewall rules could not be installed: {exc}") from exc
-        if not self._started:
-            self._started = True
-            atexit.register(self.close)
         problem = self.missing()
         if problem:
             log.error("the process runtime will refuse every model: %s", problem)
@@ -345,8 +342,9 @@ class BwrapSandbox:
             try:
                 self.firewall.forget_uid(lease.uid)  # what a crashed agent may have left for this uid
                 if not self.firewall.installed():
-                    log.warning("the sandbox's firewall rules were missing: installing them again")
-                    self.firewall.install()
+                    if self._started:
+                        log.warning("the sandbox's firewall rules were missing: installing them again")
+                    self._install()
                 self.firewall.allow_own_ports(lease.uid, {spec.port, *spec.ports.values()}, spec.deployment_id)
             except FirewallError as exc:
                 lease.release()
@@ -391,6 +389,13 @@ class BwrapSandbox:
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ helpers
+
+    def _install(self) -> None:
+        """Write the rules (the host lock held); they are removed at exit (close)."""
+        self.firewall.install()
+        if not self._started:
+            self._started = True
+            atexit.register(self.close)
 
     @staticmethod
     def _tool(name: str) -> str | None:
