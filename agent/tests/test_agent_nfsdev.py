@@ -25,3 +25,9 @@ def test_each_folder_is_exported_read_only_and_root_squashed(tmp_path: Path) -> 
 def test_a_bad_pseudo_path_is_refused(tmp_path: Path, pseudo: str) -> None:
     with pytest.raises(ValueError):
         ganesha_config({pseudo: tmp_path}, tmp_path)
+
+
+def test_the_agents_per_deployment_exports_are_included_and_nothing_else_by_default(tmp_path: Path) -> None:
+    text = ganesha_config({}, tmp_path / "nfs", include=tmp_path / "nfs" / "vm-exports.conf")
+    assert "EXPORT {" not in text  # no store root, no wheelhouse root: only what the agent exports per deployment
+    assert text.rstrip().endswith(f'%include "{tmp_path / "nfs" / "vm-exports.conf"}"')
