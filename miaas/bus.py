@@ -20,9 +20,10 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 from pydantic import BaseModel, ValidationError
 
 from miaas.schemas import AgentMetrics, ConsumerStats, DeploymentEvent, ModelEvent
@@ -55,22 +56,108 @@ SCHEMAS: dict[str, type[BaseModel]] = {t.name: t.schema for t in TOPICS if t.sch
 SNAPSHOTS: dict[str, str] = {t.name: t.snapshot_key for t in TOPICS if t.snapshot_key is not None}
 
 
-def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec] = TOPICS, timeout: float = 15.0) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are."""
+def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec] = TOPICS, timeout: float = 15.0) -> list[str]:
+    """Create the topics that do not exist yet, with their declared partitions; the names created.
+
+    Called again whenever a broker comes back without them (the embedded broker is memory-only). A topic that exists
+    with fewer partitions than declared (created meanwhile by a client, with the broker's default) is given the
+    missing ones where the broker can (Tansu cannot: then a warning; consumers read every partition there is, so
+    only the spread differs). Existing topics are otherwise left as they are.
+    """
+    specs = list(topics)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics(
-        [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1) for t in topics],
+        [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1) for t in specs],
         operation_timeout=timeout,
         request_timeout=timeout,
     )
+    created: list[str] = []
+    existing: set[str] = set()
     for name, future in futures.items():
         try:
             future.result(timeout=timeout)
             log.info("created topic %s", name)
+            created.append(name)
         except KafkaException as exc:
             if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                existing.add(name)
                 continue
             raise
+    if existing:
+        _add_missing_partitions(admin, [t for t in specs if t.name in existing], timeout)
+    return created
+
+
+def _add_missing_partitions(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> None:
+    found = describe_topics(admin, [t.name for t in specs], timeout)
+    short = [(t, info) for t in specs if (info := found.get(t.name)) is not None and info.partitions < t.partitions]
+    if not short:
+        return
+    futures = admin.create_partitions([NewPartitions(t.name, t.partitions) for t, _ in short],
+                                      request_timeout=timeout)
+    for (spec, info), future in zip(short, futures.values(), strict=True):
+        try:
+            future.result(timeout=timeout)
+            log.warning("topic %s had %d partitions, %d declared: added the others", spec.name, info.partitions,
+                        spec.partitions)
+        except KafkaException as exc:
+            log.warning("topic %s has %d partitions, %d declared, and the broker did not add any: %s", spec.name,
+                        info.partitions, spec.partitions, exc)
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """One topic as the broker has it now: its partitions, and its id (each creation of a topic gets a new one;
+    None where the broker gives none). A topic deleted and created again is a new topic with the same name."""
+
+    name: str
+    partitions: int
+    topic_id: str | None = None
+
+    def same_topic(self, now: TopicInfo) -> bool:
+        """Whether `now` is still this topic, not one created again since (by its id, else by what can be seen)."""
+        if self.topic_id is not None and now.topic_id is not None:
+            return self.topic_id == now.topic_id
+        return now.partitions >= self.partitions
+
+
+def describe_topics(
+    admin: AdminClient, names: Iterable[str], timeout: float = 5.0, *, metadata: Consumer | None = None,
+) -> dict[str, TopicInfo | None]:
+    """The named topics as the broker has them now (None for one that does not exist); never creates a topic.
+
+    Raises KafkaException when the broker does not answer. The metadata request goes through `metadata` when given
+    (a consumer about to be assigned: it is then connected already), else through `admin`. Topic ids come from a
+    second request (`describe_topics`): a broker that does not give them leaves `topic_id` None.
+    """
+    wanted = list(names)
+    meta = (metadata if metadata is not None else admin).list_topics(timeout=timeout)
+    out: dict[str, TopicInfo | None] = {}
+    for name in wanted:
+        info = meta.topics.get(name)
+        out[name] = TopicInfo(name, len(info.partitions)) if info is not None and info.error is None else None
+    present = [name for name in wanted if out[name] is not None]
+    if not present:
+        return out
+    try:
+        futures = admin.describe_topics(TopicCollection(present), request_timeout=timeout)
+    except KafkaException:
+        return out
+    for name, future in futures.items():
+        try:
+            found = future.result(timeout=timeout)
+        except KafkaException as exc:
+            if exc.args and exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                out[name] = None  # deleted between the two requests
+            continue
+        out[name] = TopicInfo(name, len(found.partitions), _topic_id(found.topic_id))
+    return out
+
+
+def _topic_id(uuid: Any) -> str | None:
+    if uuid is None or (uuid.get_most_significant_bits() == 0 and uuid.get_least_significant_bits() == 0):
+        return None
+    return str(uuid)
 
 
 class EventBus(Protocol):
@@ -84,39 +171,125 @@ class EventBus(Protocol):
 
 
 class KafkaBus:
-    """Publishes wire messages as JSON with an idempotent producer."""
+    """Publishes wire messages as JSON with an idempotent producer.
+
+    Producers never create topics (`ensure_topics` does, with their declared partitions). A producer that lost every
+    broker after it had delivered, whose delivery failed, or that hit a fatal error is replaced by a fresh one before
+    the next publish: a broker that comes back empty (the embedded one is memory-only) does not know the old producer
+    id (an idempotent producer then retries `UNKNOWN_PRODUCER_ID` until each message times out), and Tansu numbers
+    producer ids from 1 again, so an old producer's sequence numbers would collide with a new one's. The messages the
+    old producer still held are purged from it and published again by the new one, in order.
+    """
 
     def __init__(self, bootstrap: str, *, client_id: str = "miaas") -> None:
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": client_id,
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "message.timeout.ms": 30000,
-            }
-        )
+        self._config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "message.timeout.ms": 30000,
+            "allow.auto.create.topics": False,
+        }
+        self._lock = threading.RLock()
+        self.renewed = 0
+        """Producers replaced so far (the broker went away, a delivery failed, a fatal error)."""
+        self._producer, self._health = self._new_producer()
 
     def publish(self, topic: str, key: str, message: BaseModel) -> None:
         payload = message.model_dump_json().encode()
+        producer, health = self._producer_now()
         while True:
             try:
-                self._producer.produce(topic, key=key.encode(), value=payload, on_delivery=_report)
+                producer.produce(topic, key=key.encode(), value=payload, on_delivery=health.delivered)
                 break
             except BufferError:
-                self._producer.poll(0.1)
-        self._producer.poll(0)
+                producer.poll(0.1)
+        self._poll(producer, health, 0)
 
     def flush(self, timeout: float = 5.0) -> int:
-        return int(self._producer.flush(timeout))
+        producer, health = self._producer_now()
+        try:
+            return int(producer.flush(timeout))
+        except KafkaException as exc:
+            health.failed(exc)
+            return len(producer)
 
     def close(self) -> None:
         self.flush()
+
+    def _new_producer(self) -> tuple[Producer, _ProducerHealth]:
+        health = _ProducerHealth()
+        return Producer({**self._config, "error_cb": health.error}), health
+
+    def _poll(self, producer: Producer, health: _ProducerHealth, timeout: float) -> None:
+        try:
+            producer.poll(timeout)
+        except KafkaException as exc:  # a fatal error: this producer is done; the next publish gets a fresh one
+            health.failed(exc)
+
+    def _producer_now(self) -> tuple[Producer, _ProducerHealth]:
+        """The producer to publish with: a fresh one when the current one may be stuck on a broker that restarted."""
+        with self._lock:
+            self._poll(self._producer, self._health, 0)  # its callbacks say whether it lost the broker meanwhile
+            if self._health.stale:
+                self._renew()
+            return self._producer, self._health
+
+    def _renew(self) -> None:
+        old, health = self._producer, self._health
+        log.warning("producer %s: %s; publishing with a fresh producer", self._config["client.id"], health.stale)
+        health.purged = []
+        try:
+            old.purge(in_queue=True, in_flight=True)
+            old.flush(1.0)  # hands the purged messages to `health.delivered`, which keeps them
+        except KafkaException as exc:
+            log.warning("producer %s: purging the old producer failed: %s", self._config["client.id"], exc)
+        self._producer, self._health = self._new_producer()
+        self.renewed += 1
+        for topic, key, value in health.purged:
+            while True:
+                try:
+                    self._producer.produce(topic, key=key, value=value, on_delivery=self._health.delivered)
+                    break
+                except BufferError:
+                    self._producer.poll(0.1)
 
 
 def _report(err: KafkaError | None, msg: Any) -> None:
     if err is not None:
         log.error("delivery to %s failed: %s", msg.topic(), err)
+
+
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+
+
+class _ProducerHealth:
+    """What one producer's callbacks said: whether it delivered, and why it may be stuck (`stale`)."""
+
+    def __init__(self) -> None:
+        self.has_delivered = False
+        self.stale: str | None = None
+        self.purged: list[tuple[str, bytes | None, bytes | None]] | None = None
+        """While it is replaced: the messages purged from it, to publish again."""
+
+    def error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.stale = f"a fatal error ({err.str()})"
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN and self.has_delivered:
+            self.stale = "every broker went away"
+
+    def failed(self, exc: KafkaException) -> None:
+        self.stale = f"it failed ({exc})"
+
+    def delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is None:
+            self.has_delivered = True
+            return
+        if err.code() in _PURGED and self.purged is not None:
+            self.purged.append((msg.topic(), msg.key(), msg.value()))
+            return
+        _report(err, msg)
+        self.stale = f"a delivery failed ({err.str()})"
 
 
 class MemoryBus:
@@ -323,6 +496,11 @@ class PartitionConsumer:
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Following the topics (`_follow_topics`): what each topic was when assigned, and a request to look now.
+        self._assigned: dict[str, TopicInfo] = {}
+        self._assigned_lock = threading.Lock()
+        self._look_now = threading.Event()
+        self.reassigned = 0
 
     def start(self) -> PartitionConsumer:
         self._thread = threading.Thread(target=self._run, name="consumer-" + "+".join(self.topics), daemon=True)
@@ -347,15 +525,75 @@ class PartitionConsumer:
                 skipped_by_reason=dict(self.skipped_by_reason), last_skipped=self.last_skipped,
             )
 
-    def _assignment(self, consumer: Consumer) -> list[TopicPartition]:
-        meta = consumer.list_topics(timeout=10)
+    recheck_s = 2.0
+    """Seconds between two looks at the topics: one deleted and created again (a broker restarted empty) is read
+    from its beginning, partitions added are read too. `look_again()` asks for a look at once."""
+
+    def _assignment(self, consumer: Consumer, admin: AdminClient | None = None) -> list[TopicPartition]:
+        """Every partition of every topic, from `start`; raises KafkaException while one of them is missing."""
+        admin = admin if admin is not None else AdminClient({"bootstrap.servers": self.bootstrap})
+        found = describe_topics(admin, self.topics, timeout=10, metadata=consumer)
         parts: list[TopicPartition] = []
         for topic in self.topics:
-            info = meta.topics.get(topic)
-            if info is None or info.error is not None:
+            info = found.get(topic)
+            if info is None:
                 raise KafkaException(f"topic {topic} is not available")
-            parts += [TopicPartition(topic, p, self.start_at) for p in sorted(info.partitions)]
+            parts += [TopicPartition(topic, p, self.start_at) for p in range(info.partitions)]
+        with self._assigned_lock:
+            self._assigned = {topic: info for topic, info in found.items() if info is not None}
         return parts
+
+    def look_again(self) -> None:
+        """Compare the assignment with the topics as the broker has them at once, not at the next periodic look."""
+        self._look_now.set()
+
+    def follows(self, found: Mapping[str, TopicInfo | None]) -> bool:
+        """Whether this consumer is assigned to every partition of its topics as they are in `found`
+        (`describe_topics`): not to a topic since deleted, or created again."""
+        if not self.ready.is_set():
+            return False
+        with self._assigned_lock:
+            for topic in self.topics:
+                now, was = found.get(topic), self._assigned.get(topic)
+                if now is None or was is None or not was.same_topic(now) or was.partitions != now.partitions:
+                    return False
+        return True
+
+    def _follow_topics(self, consumer: Consumer, admin: AdminClient) -> None:
+        """Follow the topics as the broker has them now: a topic gone is let go (its positions mean nothing any
+        more); one created again, or first seen, is read from its beginning (all of it was written since); added
+        partitions are read from their beginning. Positions in the topics that did not change are kept."""
+        try:
+            found = describe_topics(admin, self.topics, timeout=2)
+        except KafkaException as exc:
+            log.debug("consumer of %s: no answer from the broker: %s", self.topics, exc)
+            return
+        drop: list[TopicPartition] = []
+        add: list[TopicPartition] = []
+        with self._assigned_lock:
+            for topic in self.topics:
+                now, was = found.get(topic), self._assigned.get(topic)
+                if now is None:
+                    if was is not None:
+                        log.warning("consumer of %s: topic %s is gone (a broker restarted empty?); waiting for it "
+                                    "to be created again", self.topics, topic)
+                        drop += [TopicPartition(topic, p) for p in range(was.partitions)]
+                        del self._assigned[topic]
+                    continue
+                if was is None or not was.same_topic(now):
+                    if was is not None:
+                        drop += [TopicPartition(topic, p) for p in range(was.partitions)]
+                    add += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(now.partitions)]
+                    log.warning("consumer of %s: topic %s was created again; reading it from its beginning",
+                                self.topics, topic)
+                elif now.partitions > was.partitions:
+                    add += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(was.partitions, now.partitions)]
+                self._assigned[topic] = now
+        if drop:
+            consumer.incremental_unassign(drop)
+        if add:
+            consumer.incremental_assign(add)
+            self.reassigned += 1
 
     def _run(self) -> None:
         consumer = Consumer(
@@ -367,20 +605,26 @@ class PartitionConsumer:
                 "fetch.message.max.bytes": MAX_MESSAGE_BYTES * 11,
             }
         )
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
         try:
             while not self._stop.is_set():
                 try:
-                    consumer.assign(self._assignment(consumer))
+                    consumer.assign(self._assignment(consumer, admin))
                     break
                 except KafkaException as exc:
                     log.warning("waiting for topics %s: %s", self.topics, exc)
                     self._stop.wait(1.0)
             self.ready.set()
+            next_look = time.monotonic() + self.recheck_s
             while not self._stop.is_set():
                 try:
                     batch = consumer.consume(num_messages=self.batch_size, timeout=0.2)
                     if batch:
                         self._handle_batch(batch)
+                    if self._look_now.is_set() or time.monotonic() >= next_look:
+                        self._look_now.clear()
+                        self._follow_topics(consumer, admin)
+                        next_look = time.monotonic() + self.recheck_s
                 except Exception:  # noqa: BLE001 - the consumer outlives any error; offsets have moved on
                     log.exception("consumer of %s failed; going on in a second", self.topics)
                     self._stop.wait(1.0)
