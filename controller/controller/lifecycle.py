@@ -63,7 +63,9 @@ def judge_report(
 ) -> S | None:
     """The status an agent's report moves the record to, or None when the report changes nothing.
 
-    - Only the agent the deployment is placed on speaks for it, and only about the current placement.
+    - Only the agent the deployment is placed on speaks for it, and only about the current placement: a report
+      must name the record's generation exactly. One without a generation (forged, or from an agent that predates
+      generations) or of another one (an older copy, or a placement this controller never made) changes nothing.
     - `stopping` is the controller's to decide: an agent announcing it changes nothing.
     - A lost record comes back only on live metrics (an old event replayed after a restart proves nothing).
     - An agent stopping a copy nobody asked it to stop (its own shutdown) loses the deployment: it is re-placed.
@@ -71,7 +73,7 @@ def judge_report(
     """
     if agent_id is None or record.agent_id != agent_id:
         return None
-    if generation is not None and generation < record.generation:
+    if generation is None or generation != record.generation:
         return None
     current = record.status
     if status is S.STOPPING or current is status:

@@ -72,6 +72,37 @@ def test_an_agent_report_moves_a_record_only_as_the_rules_say(
     assert judge_report(record, agent, status, generation, from_metrics=from_metrics) == expected
 
 
+@pytest.mark.parametrize(
+    "record, agent, status, generation, from_metrics",
+    [
+        (rec(status=S.RUNNING), "a", S.FAILED, None, False),  # an event without a generation: refused
+        (rec(status=S.RUNNING), "a", S.STOPPED, None, False),  # (it would have lost the deployment)
+        (rec(status=S.SCHEDULED), "a", S.PROVISIONING, None, False),
+        (rec(status=S.PROVISIONING), "a", S.RUNNING, None, False),
+        (rec(status=S.STOPPING), "a", S.STOPPED, None, False),
+        (rec(status=S.LOST), "a", S.RUNNING, None, True),  # metrics without a generation: refused too
+        (rec(status=S.RUNNING), "a", S.FAILED, None, True),
+        (rec(status=S.RUNNING), "a", S.FAILED, 2, False),  # a generation never placed (forged or from the future)
+        (rec(status=S.SCHEDULED, generation=3), "a", S.RUNNING, 2, False),  # an older placement's event
+        (rec(status=S.RUNNING, generation=3), "a", S.FAILED, 0, False),  # a recovered copy of unknown placement
+        (rec(status=S.RUNNING), "b", S.FAILED, 1, False),  # the right generation from another agent
+        (rec(status=S.RUNNING), None, S.FAILED, 1, False),  # from no agent at all
+        (rec(status=S.RUNNING), "b", S.FAILED, None, False),  # neither
+    ],
+    ids=["no-generation-failed", "no-generation-stopped", "no-generation-provisioning", "no-generation-running",
+         "no-generation-stopped-as-asked", "metrics-no-generation-back", "metrics-no-generation-failed",
+         "future-generation", "older-generation", "unknown-generation-0", "other-agent", "no-agent",
+         "other-agent-no-generation"],
+)
+def test_a_forged_or_stale_report_changes_nothing(
+    record: Record, agent: str | None, status: S, generation: int | None, from_metrics: bool
+) -> None:
+    assert judge_report(record, agent, status, generation, from_metrics=from_metrics) is None
+    # while the same report from the deployment's agent, about its current placement, would
+    if agent == record.agent_id and generation is None:
+        assert judge_report(record, agent, status, record.generation, from_metrics=from_metrics) is not None
+
+
 def test_every_move_a_report_can_decide_is_a_legal_transition() -> None:
     for current in S:
         for reported in S:
