@@ -193,8 +193,34 @@ class ConsumerStats(Wire):
     last_skipped: str | None = Field(None, description="reason, topic[partition]@offset and why, of the latest")
 
 
+class BrokerState(Wire):
+    """What the controller's own metadata requests to the broker found (every few seconds)."""
+
+    bootstrap: str
+    answering: bool = Field(description="the broker answered lately, every topic exists, every consumer follows them")
+    problem: str | None = Field(None, description="what is wrong when not answering")
+    answered_at: datetime | None = Field(None, description="the latest answer of the broker")
+    topics: dict[str, int] = Field(default_factory=dict, description="partitions of each platform topic found")
+    topics_recreated: int = Field(0, description="times missing topics were created again (a broker restarted empty)")
+
+
+class LivenessState(Wire):
+    """Whether the controller may declare agents lost now: silence counts only while the bus works."""
+
+    suspended: bool = Field(description="no agent becomes lost while true")
+    cause: Literal["bus", "disruption"] | None = Field(
+        None, description="bus: the broker does not answer, a topic is missing or a consumer is not assigned yet; "
+                          "disruption: every agent (two or more) fell silent at once while the broker answers")
+    since: datetime | None = Field(None, description="when the suspension began")
+    why: str | None = None
+    grace_from: datetime = Field(description="no silence counts before this: the start, or the last suspension's end")
+    grace_until: datetime = Field(description="no agent is lost before this (grace_from + lost_after_s)")
+
+
 class BusStats(Wire):
     consumers: list[ConsumerStats]
+    broker: BrokerState | None = Field(None, description="the controller's own look at the broker (None: no Kafka)")
+    liveness: LivenessState | None = None
 
 
 # --------------------------------------------------------------------------- service registry
@@ -442,6 +468,7 @@ class AgentView(Wire):
 
 class AgentList(Wire):
     agents: list[AgentView]
+    liveness: LivenessState | None = Field(None, description="whether agents may be declared lost now, and why not")
 
 
 # --------------------------------------------------------------------------- agent

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from controller.liveness import AgentState
+from controller.liveness import AgentState, Gate, agent_state
 from controller.states import QUEUED, can_move
 from miaas.schemas import DeploymentReport
 from miaas.schemas import DeploymentStatus as S
@@ -110,13 +110,16 @@ def orphan_copies(
 
 
 def effective_state(
-    agent_id: str, states: Mapping[str, AgentState], now: datetime, started_at: datetime, lost_after_s: float
+    agent_id: str, states: Mapping[str, AgentState], now: datetime, started_at: datetime, lost_after_s: float,
+    gate: Gate | None = None,
 ) -> AgentState:
-    """An agent's state; one not heard from since this controller started is lost once the grace period ends."""
+    """An agent's state; one not heard from since this controller started is lost once the grace period ends,
+    counted from the start or from the end of the latest suspension of loss decisions (`liveness.Gate`)."""
     state = states.get(agent_id)
     if state is not None:
         return state
-    return "lost" if now - started_at >= timedelta(seconds=lost_after_s) else "suspect"
+    return agent_state(started_at, 0.0, now, suspect_after=1, lost_after_s=lost_after_s,
+                       gate=gate if gate is not None else Gate(grace_from=started_at))
 
 
 def lost_moves(records: Iterable[Record], state_of: Mapping[str, AgentState]) -> list[Move]:

@@ -2,6 +2,9 @@
 together. The rules are the pure functions of `lifecycle.py` and `preemption.py`; this module carries them out.
 
 One pass:
+0. the liveness gate takes one look at the bus (`BusWatch`, the controller's own metadata requests to the broker)
+   and at the agents: while the bus does not answer, or every agent fell silent at once, no agent becomes lost
+   (`liveness.py`);
 1. deployments of lost agents become lost (or, if they were being stopped, stopped / queued again); those a live
    agent no longer reports become lost too;
 2. commands not yet confirmed are sent again when due (create for a placement, stop for a stop), with backoff;
@@ -20,8 +23,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
 
 from controller.lifecycle import (
     LIVE_ON_AGENT,
@@ -35,10 +41,12 @@ from controller.lifecycle import (
     orphan_copies,
     queue_order,
 )
+from controller.liveness import BusHealth
 from controller.placement import AgentSnapshot, Placement, PlacementIndex
 from controller.preemption import Amount, Holder, Room, choose_victims
 from controller.states import ACTIVE, QUEUED
-from miaas.schemas import PRIORITIES, Deployment, DeploymentReport
+from miaas.bus import TOPICS, PartitionConsumer, TopicInfo, TopicSpec, describe_topics, ensure_topics
+from miaas.schemas import PRIORITIES, BrokerState, Deployment, DeploymentReport, LivenessState
 from miaas.schemas import DeploymentStatus as S
 
 if TYPE_CHECKING:
@@ -64,6 +72,8 @@ class Reconciler:
         self._orphans_told: dict[tuple[str, str, int | None], float] = {}
         self._next_lost_s: float | None = None  # seconds from the last pass until the next agent turns lost
         self._lock = threading.Lock()
+        self.bus: BusWatch | None = None
+        """The controller's own look at the bus, when it consumes one (None: not watched, e.g. tests without Kafka)."""
 
     # ------------------------------------------------------------------ loop
 
@@ -124,14 +134,16 @@ class Reconciler:
     def tick(self) -> None:
         c = self.c
         now = c.clock()
+        records = c.store.records(NOT_FINAL)
+        named = {r.agent_id for r in records if r.agent_id}
+        unheard = named - c.view.known()
+        gate = c.view.advance(now, self.bus.health() if self.bus is not None else None, c.started_at, len(unheard))
         view = c.view.agents(now)
         states = {r.metrics.agent_id: state for r, state in view}
-        lost_in = [(r.last_seen - now).total_seconds() + c.settings.lost_after_s for r, state in view
-                   if state != "lost"]
-        self._next_lost_s = min(lost_in, default=None)
-        records = c.store.records(NOT_FINAL)
-        agent_ids = set(states) | {r.agent_id for r in records if r.agent_id}
-        state_of = {a: effective_state(a, states, now, c.started_at, c.settings.lost_after_s) for a in agent_ids}
+        self._next_lost_s = c.view.lost_in_s(now)
+        agent_ids = set(states) | named
+        state_of = {a: effective_state(a, states, now, c.started_at, c.settings.lost_after_s, gate)
+                    for a in agent_ids}
         reports = {
             r.metrics.agent_id: AgentReport(r.last_seen, r.metrics.interval_s,
                                             frozenset(d.deployment_id for d in r.metrics.deployments))
@@ -181,6 +193,17 @@ class Reconciler:
         for key, told in list(self._orphans_told.items()):
             if clock - told > 60 * ORPHAN_RESEND_S:
                 del self._orphans_told[key]
+
+    def liveness(self) -> LivenessState:
+        """Whether loss decisions are suspended, since when and why (`GET /controller/agents`, `/controller/bus`)."""
+        c = self.c
+        gate = c.view.gate
+        grace_from = gate.grace_from if gate is not None else c.started_at
+        return LivenessState(
+            suspended=gate is not None and gate.suspended, cause=gate.cause if gate is not None else None,
+            since=gate.since if gate is not None else None, why=gate.why if gate is not None else None,
+            grace_from=grace_from, grace_until=grace_from + timedelta(seconds=c.settings.lost_after_s),
+        )
 
     # ------------------------------------------------------------------ the queue
 
@@ -261,3 +284,123 @@ def _free(s: AgentSnapshot, claimed: Amount) -> Amount:
                   s.gpus - s.allocated.gpus - claimed.gpus)
 
 
+
+
+class BusWatch:
+    """The controller's own look at the bus, on its own thread so that a broker that does not answer never holds the
+    reconcile loop up: every `interval_s` a metadata request for the platform's topics (`describe_topics`).
+
+    Topics missing on a broker that answers are created again (`ensure_topics`: a memory-only broker restarted
+    empty); a consumer assigned to a topic since deleted or created again is told to look again. `health()` is what
+    the reconcile pass feeds the liveness rule: answering only while the broker answered lately, every topic exists
+    and every consumer is assigned to the topics as they are now.
+    """
+
+    def __init__(
+        self, bootstrap: str, consumers: Callable[[], list[PartitionConsumer]], *, interval_s: float,
+        timeout_s: float,
+        topics: tuple[TopicSpec, ...] = TOPICS, monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.consumers = consumers
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.topics = topics
+        self.monotonic = monotonic
+        self.recreated = 0
+        self._admin = AdminClient({"bootstrap.servers": bootstrap})
+        self._lock = threading.Lock()
+        self._answered_at: float | None = None  # monotonic time of the latest answer of the broker
+        self._answered_wall: datetime | None = None
+        self._problem: str | None = "no answer from the broker yet"
+        self._found: dict[str, TopicInfo | None] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> BusWatch:
+        self._thread = threading.Thread(target=self._run, name="bus-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s * 3 + 5)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the watch outlives any error; the next look tries again
+                log.exception("bus watch: one look failed")
+            self._stopping.wait(self.interval_s)
+
+    def check(self) -> None:
+        """One look: the topics as the broker has them, created again where missing, and the consumers' assignment."""
+        names = [t.name for t in self.topics]
+        try:
+            found = describe_topics(self._admin, names, self.timeout_s)
+            missing = [n for n in names if found.get(n) is None]
+            if missing:
+                log.warning("bus watch: topics %s are missing (the broker restarted empty?); creating them again",
+                            ", ".join(missing))
+                ensure_topics(self.bootstrap, [t for t in self.topics if t.name in missing], self.timeout_s)
+                self.recreated += 1
+                found = describe_topics(self._admin, names, self.timeout_s)
+                missing = [n for n in names if found.get(n) is None]
+        except KafkaException as exc:
+            self._record(None, f"no answer from the broker at {self.bootstrap}: {_kafka_error(exc)}")
+            return
+        if missing:
+            self._record(found, f"topics missing: {', '.join(missing)}")
+            return
+        consumers = self.consumers()
+        behind = [c for c in consumers if not c.follows(found)]
+        for c in behind:
+            c.look_again()
+        problem = None if consumers else "the consumers are not started yet"
+        if behind:
+            problem = "consumers not yet assigned to the topics as they are now: " + ", ".join(
+                "+".join(c.topics) for c in behind)
+        self._record(found, problem)
+
+    def _record(self, found: dict[str, TopicInfo | None] | None, problem: str | None) -> None:
+        with self._lock:
+            if found is not None:
+                self._answered_at = self.monotonic()
+                self._answered_wall = datetime.now(UTC)
+                self._found = found
+            if problem != self._problem:
+                if problem is None:
+                    log.info("bus watch: the broker answers, every topic and consumer is in place")
+                else:
+                    log.warning("bus watch: %s", problem)
+            self._problem = problem
+
+    def health(self) -> BusHealth:
+        """What the liveness rule is told: a look older than two intervals plus the timeout counts as no answer."""
+        with self._lock:
+            answered_at, problem = self._answered_at, self._problem
+        if answered_at is None:
+            return BusHealth(False, problem or "no answer from the broker yet")
+        age = self.monotonic() - answered_at
+        if age > 2 * self.interval_s + self.timeout_s:
+            return BusHealth(False, f"no answer from the broker at {self.bootstrap} for {age:.0f}s"
+                                    + (f" ({problem})" if problem else ""))
+        return BusHealth(problem is None, problem)
+
+    def state(self) -> BrokerState:
+        health = self.health()
+        with self._lock:
+            found = dict(self._found)
+            answered = self._answered_wall
+        return BrokerState(
+            bootstrap=self.bootstrap, answering=health.answering, problem=health.why, answered_at=answered,
+            topics={n: i.partitions for n, i in found.items() if i is not None},
+            topics_recreated=self.recreated,
+        )
+
+
+def _kafka_error(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return str(err.str()) if isinstance(err, KafkaError) else str(exc)

@@ -13,7 +13,7 @@ from typing import Any
 from controller.commands import Refused, Uncertain, send_command
 from controller.lifecycle import Move, Record, backoff_s, judge_report
 from controller.placement import AgentSnapshot, Placement, PlacementRequest, Usage, score
-from controller.reconciler import Reconciler
+from controller.reconciler import BusWatch, Reconciler
 from controller.reports import ReportFilter
 from controller.settings import ControllerSettings
 from controller.states import ACTIVE, IN_FLIGHT, PREEMPTIBLE
@@ -71,6 +71,7 @@ class Controller:
             suspect_after=settings.suspect_after_intervals,
             lost_after_s=settings.lost_after_s,
             max_skew_s=settings.max_clock_skew_s,
+            disruption_window_s=settings.disruption_window_s,
         )
         self._place_lock = threading.Lock()
         self.place_lock = self._place_lock  # placement and its reservation are one critical section
@@ -86,6 +87,11 @@ class Controller:
         """Consume every partition of the metrics (from now) and of the deployment events (from the start), and
         run the reconcile loop."""
         self.started_at = self.clock()
+        # Liveness: every grace period counts from now, and no agent is lost while the bus does not answer.
+        self.view.restart_gate(self.started_at)
+        self.reconciler.bus = BusWatch(self.settings.kafka_bootstrap, lambda: self._consumers,
+                                       interval_s=self.settings.bus_probe_interval_s,
+                                       timeout_s=self.settings.bus_probe_timeout_s).start()
         self.reconciler.start()
         self._consumers = [
             self.metrics_consumer(start="end").start(),
@@ -104,13 +110,17 @@ class Controller:
 
     def bus_stats(self) -> BusStats:
         """Messages each consumer handled and skipped (poison: bad JSON, unknown schema version, NaN...)."""
-        return BusStats(consumers=[c.stats() for c in self._consumers])
+        return BusStats(consumers=[c.stats() for c in self._consumers],
+                        broker=self.reconciler.bus.state() if self.reconciler.bus is not None else None,
+                        liveness=self.reconciler.liveness())
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         return all(c.ready.wait(timeout) for c in self._consumers)
 
     def stop(self) -> None:
         self.reconciler.stop()
+        if self.reconciler.bus is not None:
+            self.reconciler.bus.stop()
         for c in self._consumers:
             c.stop()
         if self.bus is not None:
@@ -229,7 +239,8 @@ class Controller:
                     score=score(snaps[r.metrics.agent_id]), deployments=r.metrics.deployments,
                 )
                 for r, state in self.view.agents(now)
-            ]
+            ],
+            liveness=self.reconciler.liveness(),
         )
 
     # ------------------------------------------------------------------ deploy

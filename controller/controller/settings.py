@@ -26,3 +26,13 @@ class ControllerSettings(ServiceSettings):
         5, ge=1, description="failed create commands before a placement its agent does not hold is queued again"
     )
     preemption: bool = Field(True, description="a deployment that fits nowhere may stop lower-priority ones")
+    bus_probe_interval_s: float = Field(
+        1.0, gt=0, description="seconds between two metadata requests of the controller to the broker (liveness)"
+    )
+    bus_probe_timeout_s: float = Field(
+        2.0, gt=0, description="a metadata request unanswered this long: the broker does not answer, nobody is lost"
+    )
+    disruption_window_s: float = Field(
+        2.0, ge=0, description="agents silent longer than their interval plus this are quiet; two or more falling "
+                               "quiet together with none heard is a disruption of the path, not deaths"
+    )

@@ -21,6 +21,7 @@ from controller.lifecycle import (
     orphan_copies,
     queue_order,
 )
+from controller.liveness import Gate
 from controller.states import can_move
 from miaas.schemas import DeploymentReport
 from miaas.schemas import DeploymentStatus as S
@@ -120,6 +121,20 @@ def test_an_agent_never_heard_from_is_lost_only_after_the_grace_period() -> None
     assert effective_state("ghost", {}, at(14.9), started, 15) == "suspect"
     assert effective_state("ghost", {}, at(15), started, 15) == "lost"
     assert effective_state("a", {"a": "alive"}, at(100), started, 15) == "alive"
+
+
+@pytest.mark.parametrize(
+    "gate, now, expected",
+    [
+        (Gate(grace_from=T0, cause="bus", since=at(5)), 600, "suspect"),  # never lost while the bus is down
+        (Gate(grace_from=at(50)), 60, "suspect"),  # the grace period counts again from the bus's return
+        (Gate(grace_from=at(50)), 65, "lost"),
+        (Gate(grace_from=at(50), lost_before=at(0)), 55, "lost"),  # lost before the outage: stays lost
+    ],
+    ids=["bus-down", "grace-after-return", "lost-after-grace", "lost-before-outage"],
+)
+def test_an_agent_never_heard_from_follows_the_liveness_gate(gate: Gate, now: float, expected: str) -> None:
+    assert effective_state("ghost", {}, at(now), T0, 15, gate) == expected
 
 
 def test_deployments_of_a_lost_agent_are_lost_and_stops_there_are_over() -> None:
