@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Response, g
+import hashlib
+import json
+import re
+
+from flask import Response, g, request
 from pydantic import Field
 
 from controller.service import Controller
+from controller.store import Once
+from miaas.errors import BadRequest
 from miaas.schemas import (
     AgentList,
     BusStats,
@@ -27,6 +33,26 @@ class ListQuery(Request):
     version: int | None = Field(None, ge=1)
 
 
+MAX_KEY_LENGTH = 255
+
+
+def idempotency(header: str | None, caller: str | None, body: DeployRequest, ttl_s: float) -> Once | None:
+    """The `Idempotency-Key` of a deploy request (draft-ietf-httpapi-idempotency-key-header: a structured-field
+    string, `"..."`; a bare token is accepted too), scoped to its caller, with a digest of the validated body (so
+    the same request written with other spacing or field order is the same request). 400 for a malformed key."""
+    if header is None:
+        return None
+    key = header.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = re.sub(r'\\(["\\])', r"\1", key[1:-1])
+    if not key or len(key) > MAX_KEY_LENGTH or not all(" " <= ch <= "~" for ch in key):
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+                         code="invalid_idempotency_key")
+    digest = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True,
+                                       separators=(",", ":")).encode()).hexdigest()
+    return Once(caller=caller or "", key=key, fingerprint=digest, ttl_s=ttl_s)
+
+
 def build_api(controller: Controller) -> Api:
     api = Api("controller")
 
@@ -34,8 +60,16 @@ def build_api(controller: Controller) -> Api:
     def deploy(query: DeployQuery, body: DeployRequest) -> Response:
         """Queue a model version and place it on the least-loaded agent that fits (or by preempting strictly
         lower-priority deployments); when nothing fits it waits `pending` with the reason. 202 unless already
-        running (201); `?wait=` blocks until running or failed."""
-        d = controller.deploy(body, g.get("caller"), wait=query.wait)
+        running (201); `?wait=` blocks until running or failed. With an `Idempotency-Key` header, a retry (same
+        caller, same key, same body) returns the same deployment and creates none; the key with another body: 422."""
+        caller = g.get("caller")
+        once = idempotency(request.headers.get("Idempotency-Key"), caller, body,
+                           controller.settings.idempotency_key_ttl_s)
+        replayed = controller.store.replay(once, controller.clock()) if once is not None else None
+        if replayed is not None:
+            d = controller.wait_for(replayed.deployment_id, query.wait) if query.wait > 0 else replayed
+        else:
+            d = controller.deploy(body, caller, wait=query.wait, once=once)
         code = 201 if d.status == DeploymentStatus.RUNNING else 202
         return Response(d.model_dump_json(), status=code, mimetype="application/json")
 

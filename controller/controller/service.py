@@ -17,7 +17,7 @@ from controller.reconciler import BusWatch, Reconciler
 from controller.reports import ReportFilter
 from controller.settings import ControllerSettings
 from controller.states import ACTIVE, IN_FLIGHT, PREEMPTIBLE
-from controller.store import UNSET, DeploymentRow, DeploymentStore, placement_json
+from controller.store import UNSET, DeploymentRow, DeploymentStore, Once, placement_json
 from controller.view import ClusterView
 from miaas.bus import (
     DEPLOYMENT_EVENTS,
@@ -245,9 +245,10 @@ class Controller:
 
     # ------------------------------------------------------------------ deploy
 
-    def deploy(self, req: DeployRequest, user: str | None, wait: float = 0.0) -> Deployment:
+    def deploy(self, req: DeployRequest, user: str | None, wait: float = 0.0, once: Once | None = None) -> Deployment:
         """Resolve the version, queue it, and place the queue: provisioned at once when it fits (or when
-        preempting lower-priority deployments makes it fit), else pending with the reason until capacity appears."""
+        preempting lower-priority deployments makes it fit), else pending with the reason until capacity appears.
+        With `once` (an Idempotency-Key), a request with the same key that won meanwhile decides: its deployment."""
         version = self._fetch_model(req.model_id, req.version, req.alias)
         meta = PackageMeta.model_validate(version["meta"])
         runtime = req.runtime or self.settings.default_runtime
@@ -260,7 +261,9 @@ class Controller:
             created_at=now, updated_at=now, priority=priority_rank(req.priority), generation=0, attempts=0,
             requeue=False,
         )
-        deployment = self.store.add(row)
+        deployment = self.store.add(row, once)
+        if deployment.deployment_id != row.id:  # a concurrent request with the same Idempotency-Key made it
+            return self.wait_for(deployment.deployment_id, wait) if wait > 0 else deployment
         self._publish(deployment)
         scheduled, victims = self.reconciler.place_queue()
         for d in scheduled:

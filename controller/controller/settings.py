@@ -36,3 +36,6 @@ class ControllerSettings(ServiceSettings):
         2.0, ge=0, description="agents silent longer than their interval plus this are quiet; two or more falling "
                                "quiet together with none heard is a disruption of the path, not deaths"
     )
+    idempotency_key_ttl_s: float = Field(
+        86400.0, gt=0, description="how long an Idempotency-Key of POST /controller/deploy is remembered"
+    )

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Engine, Float, Integer, String, Text, event, inspect, select, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Text,
+    delete,
+    event,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, ORMExecuteState, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
 from controller.lifecycle import Record
 from controller.states import can_move
 from miaas.db import make_engine
-from miaas.errors import Conflict, NotFound
+from miaas.errors import Conflict, MiaasError, NotFound
 from miaas.schemas import (
     PRIORITIES,
     CandidateExplanation,
@@ -96,6 +112,38 @@ class DeploymentRow(Base):
         return Resources(cpus=self.cpus, memory_mb=self.memory_mb, gpus=self.gpus)
 
 
+class IdempotencyRow(Base):
+    """One `Idempotency-Key` of `POST /controller/deploy`: the deployment it made, for whom, for which request.
+
+    Written in the transaction that adds the deployment, so a key and its deployment exist together or not at all.
+    `create_all` adds this table to a database made before it (the controller has no migrations)."""
+
+    __tablename__ = "idempotency_keys"
+
+    caller: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    deployment_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+@dataclass(frozen=True)
+class Once:
+    """An `Idempotency-Key` a request came with: who sent it, the key, a digest of what it asked, how long it holds."""
+
+    caller: str
+    key: str
+    fingerprint: str
+    ttl_s: float
+
+
+class KeyReused(MiaasError):
+    """An Idempotency-Key sent again with another request (draft-ietf-httpapi-idempotency-key-header: 422)."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -147,10 +195,46 @@ class DeploymentStore:
             with self._commits_lock:
                 self.commits += 1
 
-    def add(self, row: DeploymentRow) -> Deployment:
-        with self._session.begin() as s:
-            s.add(row)
+    def add(self, row: DeploymentRow, once: Once | None = None) -> Deployment:
+        """Add a deployment. With `once`, its idempotency key is written in the same transaction; when a request with
+        the same key won meanwhile, nothing is added and that request's deployment is returned instead."""
+        if once is None:
+            with self._session.begin() as s:
+                s.add(row)
+            return row.to_wire()
+        now = row.created_at
+        try:
+            with self._session.begin() as s:
+                s.execute(delete(IdempotencyRow).where(IdempotencyRow.expires_at <= now))  # expired keys go
+                s.add(row)
+                s.add(IdempotencyRow(caller=once.caller, key=once.key, fingerprint=once.fingerprint,
+                                     deployment_id=row.id, created_at=now,
+                                     expires_at=now + timedelta(seconds=once.ttl_s)))
+        except IntegrityError as exc:
+            won = self.replay(once, now)  # a concurrent request with this key won: its deployment, or 422
+            if won is None:
+                raise Conflict(f"Idempotency-Key {once.key!r} could not be recorded; send the request again") from exc
+            return won
         return row.to_wire()
+
+    def replay(self, once: Once, now: datetime) -> Deployment | None:
+        """The deployment a request with this key made already; None when the key is new (or expired: forgotten).
+        The same key with another request is refused (422): a retry must repeat its request exactly."""
+        with self._session.begin() as s:
+            found = s.get(IdempotencyRow, (once.caller, once.key))
+            if found is None:
+                return None
+            if _aware(found.expires_at) <= now:
+                s.delete(found)
+                return None
+            if found.fingerprint != once.fingerprint:
+                raise KeyReused(
+                    f"Idempotency-Key {once.key!r} was used for another request (deployment {found.deployment_id}); "
+                    "a retry must send the same body, a new request a new key",
+                    details={"deployment_id": found.deployment_id},
+                )
+            row = s.get(DeploymentRow, found.deployment_id)
+            return row.to_wire() if row is not None else None
 
     def get(self, deployment_id: str) -> Deployment:
         with self._session() as s:
