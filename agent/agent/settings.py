@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -112,7 +113,7 @@ class AgentSettings(ServiceSettings):
     model_store: Path = Field(
         Path(".miaas/models"),
         validation_alias=AliasChoices("model_store", "MODEL_STORE"),
-        description="the model store root as mounted here; a VM mounts the same folder from vagrant_nfs_server",
+        description="the model store root as mounted here; each VM gets its version folder exported to it alone",
     )
     wheelhouse_dir: Path = Field(
         Path(".miaas/wheelhouse"), description="wheels by requirements hash, exported read-only to the VMs"
@@ -127,20 +128,37 @@ class AgentSettings(ServiceSettings):
     vagrant_min_memory_mb: int = Field(512, gt=0, description="a VM gets at least this much memory")
     vagrant_forward_host_ip: str = Field("0.0.0.0", description="host address the VMs' forwarded ports listen on")
     vagrant_nfs_server: str = Field(
-        "192.168.121.1", description="NFS server of the model store as a VM reaches it"
+        "192.168.121.1",
+        description="this host's nfs-ganesha as the VMs reach it (an IPv4 address: the firewall lets only it through)",
     )
-    vagrant_nfs_export: str = Field("/models", description="path on that server that exports the model store root")
     vagrant_nfs_options: str = Field("vers=4.1", description="NFS mount options in the VM (ro is always added)")
-    vagrant_wheels_nfs_server: str = Field(
-        "192.168.121.1", description="NFS server exporting wheelhouse_dir as a VM reaches it (this host)"
+    vagrant_nfs_exports_file: Path = Field(
+        Path(".miaas/nfs/vm-exports.conf"),
+        description="the per-deployment EXPORT blocks the agent writes; this host's nfs-ganesha %includes it",
     )
-    vagrant_wheels_nfs_export: str = Field("/wheels", description="path on that server that exports wheelhouse_dir")
+    vagrant_nfs_pid_file: Path = Field(
+        Path(".miaas/nfs/ganesha.pid"), description="nfs-ganesha's pid file: SIGHUP makes it reread the exports"
+    )
+    vagrant_network_name: str = Field(
+        "vagrant-libvirt", pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the VMs' libvirt network (vagrant-libvirt's management network); the agent makes it if missing",
+    )
+    vagrant_network: str = Field("192.168.121.0/24", description="its IPv4 subnet; this host is its first address")
+    vagrant_firewall: bool = Field(
+        True, description="nftables rules: a VM reaches only the NFS server and DHCP (off: development only)"
+    )
     vagrant_guest_python: str = Field(
         "3.11", pattern=r"^3\.\d+$", description="Python version of the box: wheels are made for it"
     )
     vagrant_insert_key: bool = Field(
         False, description="Vagrant replaces the box's SSH key in each VM (the box's key is made at its build)"
     )
+
+    @field_validator("vagrant_network")
+    @classmethod
+    def _valid_network(cls, value: str) -> str:
+        ipaddress.IPv4Network(value)
+        return value
 
     @field_validator("port_range")
     @classmethod

@@ -20,9 +20,10 @@ from flask import Flask
 from agent.app import create_app, parts
 from agent.gpus import GpuAllocator, GpuDevice
 from agent.runtimes.process import answers
-from agent.runtimes.vagrant import OUTPUT_NAME, RECORD_NAME, VagrantRuntime
+from agent.runtimes.vagrant import OUTPUT_NAME, RECORD_NAME, VagrantRuntime, VmGuard
 from agent.runtimes.vagrant_driver import VmError
 from agent.runtimes.vagrantfile import EXIT_MARKER, VagrantConfig
+from agent.runtimes.vmfirewall import FirewallError, VmBinding
 from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 from miaas.bus import DEPLOYMENT_EVENTS, MemoryBus
@@ -80,6 +81,15 @@ class FakeDriver:
     def state(self, domain: str) -> str | None:
         return "running" if domain in self.vms else None
 
+    def address(self, domain: str, network: str) -> VmBinding | None:
+        if domain not in self.vms:
+            return None
+        number = sorted(self.vms).index(domain) + 2
+        return VmBinding.of(f"vnet{number}", f"52:54:00:00:00:{number:02x}", f"192.168.121.{number}")
+
+    def ensure_network(self, name: str, network: str) -> str:
+        return "virbr1"
+
     def close(self) -> None:
         for domain in list(self.vms):
             self.destroy(Path("."), domain, Path("/dev/null"))
@@ -125,11 +135,11 @@ def vm_agent(models: Any, bus: MemoryBus, driver: FakeDriver) -> Iterator[Callab
     """Agent apps whose vagrant runtime drives the fake; each is shut down after the test."""
     apps: list[Flask] = []
 
-    def make(settings: AgentSettings, gpus: GpuAllocator | None = None) -> Flask:
+    def make(settings: AgentSettings, gpus: GpuAllocator | None = None, guard: VmGuard | None = None) -> Flask:
         runtime = VagrantRuntime(
             VagrantConfig(acceleration="tcg"), driver=driver, wheelhouse=Wheelhouse(settings.wheelhouse_dir),
             model_store=settings.model_store, state_dir=settings.state_dir.absolute(), gpus=gpus,
-            provision_timeout_s=settings.provision_timeout_s,
+            provision_timeout_s=settings.provision_timeout_s, guard=guard,
         )
         app = create_app(settings, bus, fetch_model=models, runtimes={"vagrant": runtime})
         apps.append(app)
@@ -394,3 +404,100 @@ def test_gpus_are_reserved_passed_through_and_released(  # type: ignore[no-untyp
 
     client.post("/stop-vm", json={"deployment_id": "dep-g1"})
     assert gpus.held() == {}
+
+
+@dataclass
+class FakeFirewall:
+    """Records what the runtime installs (the real rules: test_agent_vmfirewall*.py); `broken` makes nft fail."""
+
+    applied: list[tuple[str, list[str]]] = field(default_factory=list)
+    removed: int = 0
+    broken: bool = False
+
+    def apply(self, config: Any, bindings: Any) -> None:
+        if self.broken:
+            raise FirewallError("nft refused the VMs' firewall: Operation not permitted (fake)")
+        self.applied.append((config.bridge, sorted(str(b.ip) for b in bindings)))
+
+    def remove(self, table: str = "miaas_vms") -> None:
+        self.removed += 1
+
+
+def test_a_vm_gets_its_own_exports_bound_to_its_address_in_the_firewall_and_loses_them_at_stop(  # type: ignore[no-untyped-def]
+    vm_agent, vm_settings, store, driver, service_token, eventually
+) -> None:
+    # given an agent with the VMs' firewall, and a model with requirements (a wheel file next to it)
+    from test_agent_wheelhouse import make_wheel  # noqa: PLC0415 - a helper of the wheelhouse tests
+
+    folder = store.add("tiny")
+    wheel = make_wheel(folder)
+    (folder / "requirements.txt").write_text(f"{wheel}\n")
+    firewall = FakeFirewall()
+    agent = vm_agent(vm_settings, guard=VmGuard(firewall, nfs_servers=("192.168.121.1",)))  # type: ignore[arg-type]
+    client = http(agent, service_token)
+    assert firewall.applied == [("virbr1", [])]  # installed at agent start, before any VM
+
+    # when it is deployed
+    create(client, "dep-x1", "tiny")
+    assert settled(client, "dep-x1", eventually)["status"] == "running"
+
+    # then its VM's address is bound in the firewall, and only its own folders are exported, to that address only
+    assert firewall.applied[-1] == ("virbr1", ["192.168.121.2"])
+    exports = (vm_settings.state_dir.absolute() / ".vm-exports.conf").read_text()
+    assert exports.count("EXPORT {") == 2
+    assert f'Path = "{folder.resolve()}";' in exports and 'Pseudo = "/miaas/dep-x1/app";' in exports
+    assert 'Pseudo = "/miaas/dep-x1/wheels";' in exports and str(vm_settings.wheelhouse_dir) in exports
+    assert exports.count("Clients = 192.168.121.2;") == 2
+    provision = (vm_settings.state_dir / "dep-x1" / "vm" / "provision.sh").read_text()
+    assert "mount_ro 192.168.121.1:/miaas/dep-x1/app /app" in provision
+    assert "mount_ro 192.168.121.1:/miaas/dep-x1/wheels /wheels" in provision
+    assert "the VM is 192.168.121.2 (port vnet2" in client.get("/deployments/dep-x1/logs").text
+
+    # when it is stopped, its exports and its binding go with its VM
+    client.post("/stop-vm", json={"deployment_id": "dep-x1"})
+    assert "EXPORT {" not in (vm_settings.state_dir.absolute() / ".vm-exports.conf").read_text()
+    assert firewall.applied[-1] == ("virbr1", [])
+    # and at agent exit, with no VM left, the firewall is removed
+    parts(agent).shutdown()
+    agent.extensions["agent"].manager.runtimes["vagrant"].close()
+    assert firewall.removed == 1
+
+
+def test_without_its_firewall_no_vm_is_started(  # type: ignore[no-untyped-def]
+    vm_agent, vm_settings, store, driver, service_token, eventually
+) -> None:
+    store.add("tiny")
+    client = http(vm_agent(vm_settings, guard=VmGuard(FakeFirewall(broken=True), nfs_servers=("192.168.121.1",))),
+                  service_token)
+    create(client, "dep-x2", "tiny")
+    failed = settled(client, "dep-x2", eventually)
+    assert failed["status"] == "failed"
+    assert failed["reason"].startswith("the VMs' firewall could not be installed, so no VM is started: nft refused")
+    assert driver.ups == []
+
+
+def test_a_requirement_with_no_wheel_refuses_the_deployment_by_name_and_runs_no_build_code(  # type: ignore[no-untyped-def]
+    vm_agent, vm_settings, store, driver, service_token, eventually, monkeypatch, tmp_path
+) -> None:
+    # given a package index (a folder) where the model's requirement exists only as an sdist whose setup.py
+    # would write a marker file
+    from test_agent_wheels_only import make_sdist  # noqa: PLC0415 - the trap of the wheelhouse tests
+
+    index, marker = tmp_path / "index", tmp_path / "MARKER-setup-py-ran"
+    index.mkdir()
+    make_sdist(index, marker)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    store.add("tiny", requirements="trapped==1.0\n")
+    client = http(vm_agent(vm_settings), service_token)
+
+    # when it is deployed
+    create(client, "dep-x3", "tiny")
+    failed = settled(client, "dep-x3", eventually)
+
+    # then it fails naming the requirement, before any VM, and no package code ran on the host
+    assert failed["status"] == "failed"
+    assert failed["reason"].startswith("trapped==1.0 has no binary wheel for cp311/manylinux_2_36_x86_64"), failed
+    assert "ship a wheel or pin a version that has one" in failed["reason"]
+    assert not marker.exists()
+    assert driver.ups == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 
@@ -47,23 +47,23 @@ def iris_plan() -> VmPlan:
         deployment_id="d-0123abcd", model_id="m-5f2a9c", version=3, ports=meta.ports, host_ports={"http": 20017},
         primary_host_port=20017, cpus=meta.resources.cpus, memory_mb=meta.resources.memory_mb,
         setup_commands=meta.setup_commands, start_commands=meta.start_commands, health_path=meta.health_path,
-        model_relpath=PurePosixPath("m-5f2a9c/v3"), wheels_key="6b910468db1a7a2131506a4a-cp311",
-        config=VagrantConfig(acceleration="tcg"),
+        with_wheels=True, config=VagrantConfig(acceleration="tcg"),
         console_log=Path("/var/lib/miaas/agent/d-0123abcd/console.log"),
         output_log=Path("/var/lib/miaas/agent/d-0123abcd/model-output.log"),
     )
 
 
 def gpu_plan() -> VmPlan:
-    """A GPU model on a KVM host: two GPUs passed through, another NFS server, no requirements."""
-    config = VagrantConfig(acceleration="kvm", nfs_server="nfs.cluster.lan", nfs_export="/srv/miaas/models",
-                           nfs_options="vers=4.2,hard", forward_host_ip="10.0.0.7", box="miaas/debian12-gpu")
+    """A GPU model on a KVM host: two GPUs passed through, another VM network, no requirements."""
+    config = VagrantConfig(acceleration="kvm", nfs_server="10.10.0.1", nfs_options="vers=4.2,hard",
+                           forward_host_ip="10.0.0.7", box="miaas/debian12-gpu", network_name="miaas-vms",
+                           network="10.10.0.0/24")
     gpus = tuple(PciAddress.parse(pci_bus_id(bus)) for bus in ("00000000:3B:00.0", "00000000:AF:00.0"))
     return plan_vm(
         deployment_id="d-gpu", model_id="m-llm", version=12, ports={}, host_ports={}, primary_host_port=21000,
         cpus=GPU_META.resources.cpus, memory_mb=GPU_META.resources.memory_mb,
         setup_commands=GPU_META.setup_commands, start_commands=GPU_META.start_commands,
-        health_path=GPU_META.health_path, model_relpath=PurePosixPath("m-llm/v12"), wheels_key=None, config=config,
+        health_path=GPU_META.health_path, with_wheels=False, config=config,
         console_log=Path("/srv/agent/d-gpu/console.log"), output_log=Path("/srv/agent/d-gpu/model-output.log"),
         extra_env={"HF_HUB_OFFLINE": "1"}, gpus=gpus,
     )
@@ -97,8 +97,9 @@ def test_resources_ports_and_mounts_come_from_meta_json() -> None:
     assert (plan.cpus, plan.memory_mb) == (1, 512)  # 0.5 CPU rounds up; 256 MB is raised to the VM floor
     assert [(f.name, f.guest, f.host) for f in plan.forwards] == [("http", 5000, 20017)]
     assert plan.env["PORT"] == plan.env["MIAAS_PORT_HTTP"] == "5000"  # the model listens on its meta.json port
-    assert plan.app.source == "192.168.121.1:/models/m-5f2a9c/v3"
-    assert plan.wheels is not None and plan.wheels.source == "192.168.121.1:/wheels/6b910468db1a7a2131506a4a-cp311"
+    # each mount is an export of this deployment alone (vmexports.py), never the store or the wheelhouse root
+    assert plan.app.source == "192.168.121.1:/miaas/d-0123abcd/app"
+    assert plan.wheels is not None and plan.wheels.source == "192.168.121.1:/miaas/d-0123abcd/wheels"
     assert plan.env["PIP_NO_INDEX"] == "1" and plan.env["PIP_FIND_LINKS"] == "/wheels"
     gpu = gpu_plan()
     assert (gpu.cpus, gpu.memory_mb) == (4, 8192)
@@ -125,13 +126,19 @@ def test_ruby_strings_cannot_interpolate() -> None:
     assert rb('a"b#{`id`}\\') == '"a\\"b\\#{`id`}\\\\"'
 
 
-@pytest.mark.parametrize("bad", ["/etc", "../other/v1", "m/../../etc"])
-def test_a_version_folder_outside_the_store_is_refused(bad: str) -> None:
+@pytest.mark.parametrize("bad", ["../d-other", "d/../../etc", "d e"])
+def test_a_deployment_id_never_names_another_export(bad: str) -> None:
     with pytest.raises(ValueError):
-        plan_vm(deployment_id="d", model_id="m", version=1, ports={}, host_ports={}, primary_host_port=20000, cpus=1,
+        plan_vm(deployment_id=bad, model_id="m", version=1, ports={}, host_ports={}, primary_host_port=20000, cpus=1,
                 memory_mb=512, setup_commands=["true"], start_commands=["true"], health_path=None,
-                model_relpath=PurePosixPath(bad), wheels_key=None, config=VagrantConfig(),
-                console_log=Path("/c"), output_log=Path("/o"))
+                with_wheels=False, config=VagrantConfig(), console_log=Path("/c"), output_log=Path("/o"))
+
+
+def test_the_vms_network_is_the_agents_and_vagrant_keeps_it() -> None:
+    text = render_vagrantfile(gpu_plan())
+    assert 'libvirt.management_network_name = "miaas-vms"' in text
+    assert 'libvirt.management_network_address = "10.10.0.0/24"' in text
+    assert "libvirt.management_network_keep = true" in text
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

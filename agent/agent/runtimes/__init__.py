@@ -8,10 +8,12 @@ from agent.gpus import GpuAllocator
 from agent.runtimes.base import DeploymentSpec, Recoverable, RecoveredDeployment, Runtime, RuntimeState
 from agent.runtimes.process import ProcessRuntime
 from agent.runtimes.sandbox import BwrapSandbox, NoSandbox, SandboxConfig
-from agent.runtimes.vagrant import VagrantRuntime
+from agent.runtimes.vagrant import VagrantRuntime, VmGuard
 from agent.runtimes.vagrant_driver import VagrantDriver
 from agent.runtimes.vagrantfile import VagrantConfig
 from agent.runtimes.venvs import VenvCache
+from agent.runtimes.vmexports import VmExports, sighup_pid_file
+from agent.runtimes.vmfirewall import NftFirewall
 from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 
@@ -49,10 +51,9 @@ def vagrant_config(settings: AgentSettings) -> VagrantConfig:
         min_memory_mb=settings.vagrant_min_memory_mb,
         forward_host_ip=settings.vagrant_forward_host_ip,
         nfs_server=settings.vagrant_nfs_server,
-        nfs_export=settings.vagrant_nfs_export,
         nfs_options=settings.vagrant_nfs_options,
-        wheels_nfs_server=settings.vagrant_wheels_nfs_server,
-        wheels_nfs_export=settings.vagrant_wheels_nfs_export,
+        network_name=settings.vagrant_network_name,
+        network=settings.vagrant_network,
         insert_key=settings.vagrant_insert_key,
     )
 
@@ -66,6 +67,9 @@ def _vagrant(settings: AgentSettings, gpus: GpuAllocator) -> Runtime:
         state_dir=settings.state_dir.absolute(),
         gpus=gpus,
         provision_timeout_s=settings.provision_timeout_s,
+        exports=VmExports(settings.vagrant_nfs_exports_file.absolute(),
+                          reload=sighup_pid_file(settings.vagrant_nfs_pid_file.absolute())),
+        guard=VmGuard(NftFirewall(), nfs_servers=(settings.vagrant_nfs_server,)) if settings.vagrant_firewall else None,
     )
 
 

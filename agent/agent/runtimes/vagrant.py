@@ -8,13 +8,18 @@ Per deployment, under `<state dir>/<deployment id>/`:
     console.log                       the VM's console (boot messages), for diagnosis
 
 Provisioning (`start`, on the manager's background thread, bounded by the provisioning timeout): wheelhouse of
-requirements.txt on the host, the files above, `vagrant up` (boot, NFS mounts, virtualenv, setup commands, the
-model's systemd service), then the forwarded port must answer (GET health_path → 2xx when there is one).
-Any failure destroys the VM and removes vm/; `stop` cancels a provisioning in flight the same way.
+requirements.txt on the host (binary wheels only), the VMs' network and firewall (vmfirewall.py), the files above,
+`vagrant up` (boot, NFS mounts, virtualenv, setup commands, the model's systemd service), then the forwarded port
+must answer (GET health_path → 2xx when there is one). While `vagrant up` boots the VM, the agent learns its
+address from libvirt's DHCP lease, binds it to the VM's bridge port and MAC in the firewall, and only then exports
+the deployment's version folder and wheelhouse to that address alone (vmexports.py); the provisioner waits for them.
+Any failure destroys the VM, drops its exports and binding and removes vm/; `stop` cancels a provisioning in flight
+the same way.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import shutil
@@ -41,6 +46,8 @@ from agent.runtimes.vagrantfile import (
     render_provision,
     render_vagrantfile,
 )
+from agent.runtimes.vmexports import Export, ExportError, VmExports
+from agent.runtimes.vmfirewall import FirewallError, NftFirewall, VmBinding, firewall_config
 from agent.runtimes.wheelhouse import Wheelhouse
 from miaas.schemas import DeploymentStatus, PackageMeta
 
@@ -53,6 +60,7 @@ VM_FOLDER = "vm"
 RECORD_NAME = "deployment.json"
 REASON_LINES = 20
 _POLL_S = 0.5
+_ADDRESS_POLL_S = 1.0
 
 
 @dataclass
@@ -63,6 +71,9 @@ class _Vm:
     gpus: list[GpuDevice] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     up_thread: threading.Thread | None = None
+    binding: VmBinding | None = None
+    """The VM's port, MAC and address on the VM network, once learnt: its exports go to that address only."""
+    exports_folders: dict[str, Path] = field(default_factory=dict)
     running: bool = False
     stopped: bool = False
     torn_down: bool = False
@@ -83,6 +94,15 @@ class _Vm:
         return domain_name(self.spec.deployment_id)
 
 
+class VmGuard:
+    """The VMs' firewall on this host: the network of the VMs made if missing, nftables rules for its bridge."""
+
+    def __init__(self, firewall: NftFirewall, *, nfs_servers: tuple[str, ...]) -> None:
+        self.firewall = firewall
+        self.nfs_servers = nfs_servers
+        self.installed = False
+
+
 class VagrantRuntime:
     """Runs each deployment in a VM of its own; see the module's docstring."""
 
@@ -99,9 +119,17 @@ class VagrantRuntime:
         gpus: GpuAllocator | None = None,
         provision_timeout_s: float = 900.0,
         probe: Callable[[int, str | None], bool] = answers,
+        exports: VmExports | None = None,
+        guard: VmGuard | None = None,
     ) -> None:
         self.config = config
         self.driver = driver
+        self.exports = exports or VmExports(state_dir / ".vm-exports.conf")
+        """Without one, the exports are written to a file no NFS server reads (tests with a fake driver)."""
+        self.guard = guard
+        self._guard_lock = threading.Lock()
+        if guard is not None:
+            atexit.register(self.close)
         self.wheelhouse = wheelhouse
         self.model_store = model_store
         self.state_dir = state_dir
@@ -182,14 +210,87 @@ class VagrantRuntime:
     def recover(self) -> list[RecoveredDeployment]:
         """After an agent restart: adopt the VMs that run a model, destroy the ones caught mid-provisioning."""
         found: list[RecoveredDeployment] = []
-        if not self.state_dir.is_dir():
-            return found
         for record_path in sorted(self.state_dir.glob(f"*/{VM_FOLDER}/{RECORD_NAME}")):
             try:
                 found.append(self._recover_one(record_path))
             except Exception:  # noqa: BLE001 - one unreadable folder must not keep the agent from starting
                 log.exception("could not recover the deployment of %s", record_path)
+        self._at_start()
         return found
+
+    def _at_start(self) -> None:
+        """Agent start: the firewall installed (with the adopted VMs' bindings), the exports file rewritten with
+        the adopted VMs' exports only. A failure here is logged; each provisioning tries again and fails if so."""
+        try:
+            self._protect()
+        except (FirewallError, VmError, ValueError) as exc:
+            log.error("the VMs' firewall could not be installed at start (VMs will not start without it): %s", exc)
+        try:
+            self.exports.sync()
+        except ExportError as exc:
+            log.warning("the NFS server did not take the exports of the adopted VMs: %s", exc)
+
+    def close(self) -> None:
+        """At agent exit: remove the VMs' firewall, unless VMs still run (the next agent adopts them)."""
+        if self.guard is None or not self.guard.installed:
+            return
+        with self._lock:
+            live = [vm for vm in self._vms.values() if not (vm.stopped or vm.torn_down)]
+        if live:
+            log.info("%d VM(s) still run: their firewall stays", len(live))
+            return
+        try:
+            self.guard.firewall.remove()
+            self.guard.installed = False
+        except FirewallError as exc:
+            log.error("could not remove the VMs' firewall: %s", exc)
+
+    # ------------------------------------------------------------------ the VMs' network, firewall and exports
+
+    def _protect(self) -> None:
+        """Make the VMs' network if missing and (re)install the firewall with the bindings of every live VM.
+        Raises FirewallError or VmError."""
+        if self.guard is None:
+            return
+        with self._guard_lock:
+            bridge = self.driver.ensure_network(self.config.network_name, self.config.network)
+            config = firewall_config(bridge, self.config.network, self.guard.nfs_servers)
+            with self._lock:
+                bindings = [vm.binding for vm in self._vms.values()
+                            if vm.binding is not None and not (vm.stopped or vm.torn_down)]
+            self.guard.firewall.apply(config, bindings)
+            self.guard.installed = True
+
+    def _learn_address(self, vm: _Vm) -> bool:
+        """Once the VM has a DHCP lease: bind its address in the firewall, then export its folders to it."""
+        if vm.binding is not None:
+            return True
+        try:
+            binding = self.driver.address(vm.domain, self.config.network)
+        except VmError as exc:
+            log.warning("cannot ask libvirt the address of %s: %s", vm.domain, exc)
+            return False
+        if binding is None:
+            return False
+        with vm.lock:
+            if vm.cancelled.is_set() or vm.torn_down:
+                raise ProvisionCancelled("stopped during vagrant up")
+            vm.binding = binding
+        try:
+            self._protect()
+            exports = self.exports.add(vm.spec.deployment_id, str(binding.ip), vm.exports_folders)
+        except (FirewallError, VmError, ExportError, ValueError) as exc:
+            raise ProvisionFailed(self._reason(vm, f"could not export the model to its VM: {exc}")) from exc
+        if vm.torn_down:  # a stop overtook us: what it dropped must stay dropped
+            self.exports.remove(vm.spec.deployment_id)
+            raise ProvisionCancelled("stopped during vagrant up")
+        self._note(vm, f"the VM is {binding.ip} (port {binding.port}, MAC {binding.mac}), bound to it in the "
+                       f"firewall; exported to it alone: " + ", ".join(f"{e.pseudo} ({e.path})"
+                                                                 for e in exports.values()))
+        with vm.lock:
+            if vm.folder.is_dir():
+                self._save_record(vm, "provisioning")
+        return True
 
     # ------------------------------------------------------------------ provisioning
 
@@ -214,7 +315,7 @@ class VagrantRuntime:
         meta = spec.meta
         self._note(vm, f"deployment {spec.deployment_id}: model {spec.model_id} v{spec.version} in VM {vm.domain}, "
                        f"URL port {spec.port}")
-        relpath = self._store_path(spec.model_path)
+        self._store_path(spec.model_path)
         with vm.lock:
             vm.gpus = self.gpus.reserve(spec.deployment_id, meta.resources.gpus)
         if vm.gpus:
@@ -228,12 +329,19 @@ class VagrantRuntime:
                                         cancelled=vm.cancelled)
         if wheels is not None:
             self._note(vm, f"{'built' if wheels[1] else 'reusing'} wheelhouse {self.wheelhouse.root / wheels[0]}")
+        vm.exports_folders = {"app": spec.model_path.resolve()}
+        if wheels is not None:
+            vm.exports_folders["wheels"] = (self.wheelhouse.root / wheels[0]).resolve()
+        try:
+            self._protect()
+        except (FirewallError, VmError, ValueError) as exc:
+            raise ProvisionFailed(f"the VMs' firewall could not be installed, so no VM is started: {exc}") from exc
         plan = plan_vm(
             deployment_id=spec.deployment_id, model_id=spec.model_id, version=spec.version, ports=meta.ports,
             host_ports=spec.ports, primary_host_port=spec.port, cpus=meta.resources.cpus,
             memory_mb=meta.resources.memory_mb, setup_commands=meta.setup_commands,
-            start_commands=meta.start_commands, health_path=meta.health_path, model_relpath=relpath,
-            wheels_key=None if wheels is None else wheels[0], config=self.config,
+            start_commands=meta.start_commands, health_path=meta.health_path, with_wheels=wheels is not None,
+            config=self.config,
             console_log=vm.workdir / CONSOLE_NAME, output_log=vm.workdir / OUTPUT_NAME, extra_env=spec.env,
             gpus=tuple(PciAddress.parse(g.pci_bus_id) for g in vm.gpus),
         )
@@ -263,8 +371,8 @@ class VagrantRuntime:
             return PurePosixPath(model_path.resolve().relative_to(store).as_posix())
         except ValueError:
             raise ProvisionFailed(
-                f"the version folder {model_path} is not under the model store {store} (MODEL_STORE), which the "
-                f"VM mounts over NFS from {self.config.nfs_server}:{self.config.nfs_export}"
+                f"the version folder {model_path} is not under the model store {store} (MODEL_STORE): "
+                "only verified versions of the store are exported to VMs"
             ) from None
 
     def _vagrant_up(self, vm: _Vm, deadline: float) -> None:
@@ -282,10 +390,14 @@ class VagrantRuntime:
                 raise ProvisionCancelled("stopped before vagrant up")
             vm.up_thread = thread
             thread.start()
+        asked = 0.0
         while thread.is_alive():
             thread.join(_POLL_S)
             if vm.cancelled.is_set():
                 raise ProvisionCancelled("stopped during vagrant up")
+            if vm.binding is None and time.monotonic() - asked > _ADDRESS_POLL_S:
+                asked = time.monotonic()
+                self._learn_address(vm)
             if time.monotonic() > deadline:
                 self.driver.cancel(vm.folder)
                 thread.join(30)
@@ -297,6 +409,9 @@ class VagrantRuntime:
             exc = failure[0]
             what = str(exc) if isinstance(exc, VmError) else f"{exc.__class__.__name__}: {exc}"
             raise ProvisionFailed(self._reason(vm, what))
+        if not self._learn_address(vm):
+            raise ProvisionFailed(self._reason(vm, f"libvirt gave no address of VM {vm.domain} on "
+                                                   f"{self.config.network}: nothing could be exported to it"))
 
     def _wait_until_answering(self, vm: _Vm, deadline: float) -> None:
         spec = vm.spec
@@ -374,6 +489,17 @@ class VagrantRuntime:
                 log.error("could not destroy VM %s: %s", vm.domain, exc)
             shutil.rmtree(vm.folder, ignore_errors=True)
         self.gpus.release(vm.spec.deployment_id)
+        try:
+            self.exports.remove(vm.spec.deployment_id)
+        except ExportError as exc:
+            log.error("could not drop the exports of %s: %s", vm.spec.deployment_id, exc)
+        if vm.binding is not None:
+            with vm.lock:
+                vm.binding = None
+            try:
+                self._protect()
+            except (FirewallError, VmError, ValueError) as exc:
+                log.error("could not drop the firewall binding of %s: %s", vm.domain, exc)
 
     def _exists(self, domain: str) -> bool:
         try:
@@ -390,6 +516,9 @@ class VagrantRuntime:
             "version": spec.version, "model_path": str(spec.model_path), "meta": spec.meta.model_dump(mode="json"),
             "port": spec.port, "ports": dict(spec.ports), "env": dict(spec.env), "gpus": [g.index for g in vm.gpus],
             "domain": vm.domain,
+            "address": None if vm.binding is None else {"port": vm.binding.port, "mac": vm.binding.mac,
+                                                        "ip": str(vm.binding.ip)},
+            "exports": [e.to_json() for e in self.exports.held(spec.deployment_id)],
         }
         staged = vm.folder / f".{RECORD_NAME}.new"
         staged.write_text(json.dumps(record, indent=2) + "\n")
@@ -413,6 +542,10 @@ class VagrantRuntime:
         if data.get("phase") == "running" and state == "running":
             vm.running = True
             vm.gpus = self.gpus.reserve_indexes(spec.deployment_id, data.get("gpus", []))
+            if data.get("address"):
+                address = data["address"]
+                vm.binding = VmBinding.of(address["port"], address["mac"], address["ip"])
+            self.exports.restore(spec.deployment_id, [Export.from_json(e) for e in data.get("exports", [])])
             with self._lock:
                 self._vms[spec.deployment_id] = vm
             self._note(vm, f"the agent restarted: found VM {vm.domain} running, adopted it")

@@ -1,11 +1,14 @@
 """How the vagrant runtime drives Vagrant and libvirt: `vagrant up` / `vagrant destroy` through python-vagrant,
-domain states through virsh. A test hands the runtime another VmDriver instead (no VM needed)."""
+domain states, addresses and the VMs' network through virsh. A test hands the runtime another VmDriver instead
+(no VM needed)."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import psutil
+
+from agent.runtimes.vmfirewall import VmBinding
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,16 @@ class VmDriver(Protocol):
     def state(self, domain: str) -> str | None:
         """libvirt's state of the domain ('running', 'shut off', ...), None when there is no such domain.
         Raises VmError when libvirt cannot be asked."""
+        ...
+
+    def address(self, domain: str, network: str) -> VmBinding | None:
+        """The domain's interface on the network (CIDR): host tap device, MAC, address from libvirt's DHCP lease;
+        None while it has none (or no such domain yet). Raises VmError when libvirt cannot be asked."""
+        ...
+
+    def ensure_network(self, name: str, network: str) -> str:
+        """Make sure the libvirt network `name` (NAT, DHCP, the CIDR `network`, host at its first address) exists
+        and runs, defining it when missing; returns its bridge's name. Raises VmError."""
         ...
 
 
@@ -116,12 +131,71 @@ class VagrantDriver:
             return None
         raise VmError(f"virsh domstate {domain}: {(result.stderr or result.stdout).strip()}")
 
+    def address(self, domain: str, network: str) -> VmBinding | None:
+        result = self._virsh("domifaddr", domain, "--source", "lease")
+        if result.returncode != 0:
+            return None  # no such domain yet (vagrant is still creating it), or not started
+        return parse_domifaddr(result.stdout, ipaddress.IPv4Network(network))
+
+    def ensure_network(self, name: str, network: str) -> str:
+        info = self._virsh("net-dumpxml", name)
+        if info.returncode != 0:
+            net = ipaddress.IPv4Network(network)
+            xml = network_xml(name, net)
+            with tempfile_text(xml) as path:
+                defined = self._virsh("net-define", path)
+            if defined.returncode != 0 and "already exists" not in (defined.stderr or ""):
+                raise VmError(f"virsh net-define {name}: {(defined.stderr or defined.stdout).strip()}")
+            self._virsh("net-autostart", name)
+            info = self._virsh("net-dumpxml", name)
+            if info.returncode != 0:
+                raise VmError(f"virsh net-dumpxml {name}: {(info.stderr or info.stdout).strip()}")
+        active = self._virsh("net-info", name)
+        if re.search(r"^Active:\s+no", active.stdout, re.M):
+            started = self._virsh("net-start", name)
+            if started.returncode != 0 and "already active" not in (started.stderr or ""):
+                raise VmError(f"virsh net-start {name}: {(started.stderr or started.stdout).strip()}")
+        bridge = re.search(r"<bridge\s+name=['\"]([^'\"]+)['\"]", info.stdout)
+        if bridge is None:
+            raise VmError(f"the libvirt network {name} has no bridge")
+        return bridge[1]
+
     def _virsh(self, *args: str) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(["virsh", "-c", self.libvirt_uri, *args], capture_output=True, text=True,
                                   timeout=60, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise VmError(f"virsh {args[0]} could not run: {exc}") from exc
+
+
+def network_xml(name: str, network: ipaddress.IPv4Network) -> str:
+    """A NAT network as vagrant-libvirt would make its management network (host at the first address, DHCP for
+    the rest); libvirt picks the bridge's name."""
+    if not re.match(r"^[A-Za-z0-9_.-]+$", name):
+        raise VmError(f"not a libvirt network name: {name!r}")
+    hosts = list(network.hosts())
+    return (f"<network>\n  <name>{name}</name>\n  <forward mode='nat'/>\n"
+            f"  <ip address='{hosts[0]}' netmask='{network.netmask}'>\n"
+            f"    <dhcp><range start='{hosts[1]}' end='{hosts[-1]}'/></dhcp>\n  </ip>\n</network>\n")
+
+
+def parse_domifaddr(text: str, network: ipaddress.IPv4Network) -> VmBinding | None:
+    """The interface of `virsh domifaddr --source lease` output whose IPv4 address is in network."""
+    for line in text.splitlines():
+        found = re.match(r"^\s*(\S+)\s+([0-9a-fA-F:]{17})\s+ipv4\s+([0-9.]+)/\d+\s*$", line)
+        if found and ipaddress.IPv4Address(found[3]) in network:
+            return VmBinding.of(found[1], found[2], found[3])
+    return None
+
+
+@contextlib.contextmanager
+def tempfile_text(text: str) -> Iterator[str]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".xml") as handle:
+        handle.write(text)
+        handle.flush()
+        yield handle.name
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@ Pure: no I/O, no clock. `plan_vm` decides (ports, CPUs, memory, mounts, environm
 write it down, so golden files pin every byte the agent hands to Vagrant.
 
 Inside the VM:
-    /app            the version folder, read-only over NFS (the model store's export)
-    /wheels         the wheelhouse of requirements.txt, read-only over NFS (built by the agent on the host)
+    /app            the version folder, read-only over NFS: <nfs server>:/miaas/<deployment id>/app, an export of
+                    this deployment's folder alone, to this VM's address alone (vmexports.py)
+    /wheels         the wheelhouse of requirements.txt, the same way: <nfs server>:/miaas/<deployment id>/wheels
     /opt/miaas/venv the model's virtualenv, installed from /wheels with no package index
     ttyS0           the console, logged by libvirt to console.log on the host
     ttyS1           the model's stdout and stderr, logged by libvirt to model-output.log on the host
@@ -20,10 +21,11 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 from agent.runtimes.process import port_env_name
+from agent.runtimes.vmexports import pseudo_path
 
 Acceleration = Literal["kvm", "tcg"]
 
@@ -36,6 +38,8 @@ MODEL_UNIT = "miaas-model.service"
 EXIT_MARKER = "[miaas] the model stopped:"
 """Written to the model's output when its service stops: the agent reads it as "the model died"."""
 PROVISIONED_MARKER = "[miaas] provisioned:"
+MOUNT_WAIT_S = 300
+"""How long the provisioner retries a mount: the agent adds the VM's exports once it learns the VM's address."""
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,11 @@ class VagrantConfig:
     min_memory_mb: int = 512
     forward_host_ip: str = "0.0.0.0"
     nfs_server: str = "192.168.121.1"
-    nfs_export: str = "/models"
-    """The path on nfs_server under which the model store root is exported."""
+    """This host as the VMs reach it: its nfs-ganesha serves each deployment its own exports."""
     nfs_options: str = "vers=4.1"
-    wheels_nfs_server: str = "192.168.121.1"
-    wheels_nfs_export: str = "/wheels"
-    """The path on wheels_nfs_server under which the agent's wheelhouse folder is exported."""
+    network_name: str = "vagrant-libvirt"
+    """The libvirt network of the VMs (vagrant-libvirt's management network); the agent makes it, and keeps it."""
+    network: str = "192.168.121.0/24"
     insert_key: bool = False
     """The box carries a key of its own (bootstrap/build-box.sh): no need for Vagrant to replace it."""
 
@@ -143,8 +146,7 @@ def plan_vm(
     setup_commands: list[str],
     start_commands: list[str],
     health_path: str | None,
-    model_relpath: PurePosixPath,
-    wheels_key: str | None,
+    with_wheels: bool,
     config: VagrantConfig,
     console_log: Path,
     output_log: Path,
@@ -158,13 +160,10 @@ def plan_vm(
         forwards = (Forward("http", DEFAULT_GUEST_PORT, primary_host_port),)
     if forwards[0].host != primary_host_port:
         raise ValueError("the first meta.json port must be forwarded from the deployment's primary host port")
-    if model_relpath.is_absolute() or ".." in model_relpath.parts:
-        raise ValueError(f"the version folder must be a relative path inside the model store: {model_relpath}")
-    app = NfsMount(config.nfs_server, _join(config.nfs_export, model_relpath), "/app", config.nfs_options)
+    app = NfsMount(config.nfs_server, pseudo_path(deployment_id, "app"), "/app", config.nfs_options)
     wheels = None
-    if wheels_key is not None:
-        wheels = NfsMount(config.wheels_nfs_server, _join(config.wheels_nfs_export, PurePosixPath(wheels_key)),
-                          "/wheels", config.nfs_options)
+    if with_wheels:
+        wheels = NfsMount(config.nfs_server, pseudo_path(deployment_id, "wheels"), "/wheels", config.nfs_options)
     env = dict(extra_env or {})
     env.update({
         "PORT": str(forwards[0].guest),
@@ -197,10 +196,6 @@ def plan_vm(
         setup_commands=tuple(setup_commands), start_commands=tuple(start_commands), health_path=health_path,
         gpus=tuple(gpus),
     )
-
-
-def _join(export: str, relpath: PurePosixPath) -> str:
-    return str(PurePosixPath("/") / export.strip("/") / relpath) if str(relpath) != "." else "/" + export.strip("/")
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -253,6 +248,10 @@ def render_vagrantfile(plan: VmPlan) -> str:
         "  config.vm.provider :libvirt do |libvirt|",
         f"    libvirt.uri = {rb(c.libvirt_uri)}",
         '    libvirt.default_prefix = ""',
+        "    # The agent makes this network and firewalls its bridge (vmfirewall.py): Vagrant must not remove it.",
+        f"    libvirt.management_network_name = {rb(c.network_name)}",
+        f"    libvirt.management_network_address = {rb(c.network)}",
+        "    libvirt.management_network_keep = true",
         f"    libvirt.cpus = {plan.cpus}",
         f"    libvirt.memory = {plan.memory_mb}",
         '    libvirt.graphics_type = "none"',
@@ -318,10 +317,15 @@ def render_provision(plan: VmPlan) -> str:
         "",
     ]
     out += [
+        "# The agent exports this deployment's folders to this VM's address once it learns it: wait for them.",
         'mount_ro() {  # source target options',
         '  mkdir -p "$2"',
-        '  mountpoint -q "$2" || mount -t nfs -o "ro,$3" "$1" "$2" '
-        '|| fail "cannot mount $1 (is the NFS server up and exporting it?)"',
+        f"  local deadline=$((SECONDS + {MOUNT_WAIT_S}))",
+        '  until mountpoint -q "$2" || mount -t nfs -o "ro,$3" "$1" "$2" 2>/dev/null; do',
+        '    [ "$SECONDS" -lt "$deadline" ] || { mount -t nfs -o "ro,$3" "$1" "$2" '
+        '|| fail "cannot mount $1 (is the NFS server up and exporting it to this VM?)"; return; }',
+        "    sleep 1",
+        "  done",
         "}",
     ]
     mounts = [m for m in (plan.app, plan.wheels) if m is not None]

@@ -8,12 +8,17 @@ fail() { say "error: $*"; exit 1; }
 say 'model output goes to the second serial port (ttyS1)'
 stty -F /dev/ttyS1 115200 raw -echo
 
+# The agent exports this deployment's folders to this VM's address once it learns it: wait for them.
 mount_ro() {  # source target options
   mkdir -p "$2"
-  mountpoint -q "$2" || mount -t nfs -o "ro,$3" "$1" "$2" || fail "cannot mount $1 (is the NFS server up and exporting it?)"
+  local deadline=$((SECONDS + 300))
+  until mountpoint -q "$2" || mount -t nfs -o "ro,$3" "$1" "$2" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || { mount -t nfs -o "ro,$3" "$1" "$2" || fail "cannot mount $1 (is the NFS server up and exporting it to this VM?)"; return; }
+    sleep 1
+  done
 }
-say 'mounting read-only: nfs.cluster.lan:/srv/miaas/models/m-llm/v12 at /app'
-mount_ro nfs.cluster.lan:/srv/miaas/models/m-llm/v12 /app vers=4.2,hard & mount0=$!
+say 'mounting read-only: 10.10.0.1:/miaas/d-gpu/app at /app'
+mount_ro 10.10.0.1:/miaas/d-gpu/app /app vers=4.2,hard & mount0=$!
 wait $mount0 || exit 1
 
 install -d -m 0755 /etc/miaas /opt/miaas /var/lib/miaas/work

@@ -8,13 +8,18 @@ fail() { say "error: $*"; exit 1; }
 say 'model output goes to the second serial port (ttyS1)'
 stty -F /dev/ttyS1 115200 raw -echo
 
+# The agent exports this deployment's folders to this VM's address once it learns it: wait for them.
 mount_ro() {  # source target options
   mkdir -p "$2"
-  mountpoint -q "$2" || mount -t nfs -o "ro,$3" "$1" "$2" || fail "cannot mount $1 (is the NFS server up and exporting it?)"
+  local deadline=$((SECONDS + 300))
+  until mountpoint -q "$2" || mount -t nfs -o "ro,$3" "$1" "$2" 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || { mount -t nfs -o "ro,$3" "$1" "$2" || fail "cannot mount $1 (is the NFS server up and exporting it to this VM?)"; return; }
+    sleep 1
+  done
 }
-say 'mounting read-only: 192.168.121.1:/models/m-5f2a9c/v3 at /app, 192.168.121.1:/wheels/6b910468db1a7a2131506a4a-cp311 at /wheels'
-mount_ro 192.168.121.1:/models/m-5f2a9c/v3 /app vers=4.1 & mount0=$!
-mount_ro 192.168.121.1:/wheels/6b910468db1a7a2131506a4a-cp311 /wheels vers=4.1 & mount1=$!
+say 'mounting read-only: 192.168.121.1:/miaas/d-0123abcd/app at /app, 192.168.121.1:/miaas/d-0123abcd/wheels at /wheels'
+mount_ro 192.168.121.1:/miaas/d-0123abcd/app /app vers=4.1 & mount0=$!
+mount_ro 192.168.121.1:/miaas/d-0123abcd/wheels /wheels vers=4.1 & mount1=$!
 wait $mount0 && wait $mount1 || exit 1
 
 install -d -m 0755 /etc/miaas /opt/miaas /var/lib/miaas/work
