@@ -5,8 +5,8 @@
 # Exports:
 #   - to the model registry: read-write, every client user squashed to the local `miaas` user (all_squash), so
 #     the registry's files belong to one owner whatever its uid on its own machine;
-#   - to the agents: read-only, root squashed. `insecure` because the VMs of an agent reach the server through
-#     libvirt's NAT, which rewrites their source ports above 1024.
+#   - to the agents' hosts: read-only, root squashed. VMs never mount this server: each agent host serves its VMs
+#     their own version folders with nfs-ganesha (bootstrap/agent-vm-host.sh), from its mount of this store.
 # The store is owned by `miaas` with mode 0755: never 0777, never no_root_squash.
 set -euo pipefail
 
@@ -33,7 +33,7 @@ mkdir -p /etc/exports.d
   echo "# Written by bootstrap/nfs-server.sh: the MIaaS model store."
   echo "$store $registry(rw,sync,all_squash,anonuid=$uid,anongid=$gid,no_subtree_check)"
   for agent in "$@"; do
-    echo "$store $agent(ro,sync,root_squash,insecure,no_subtree_check)"
+    echo "$store $agent(ro,sync,root_squash,no_subtree_check)"
   done
 } > "$exports"
 chmod 0644 "$exports"
@@ -46,4 +46,4 @@ echo "exported $store (see $exports):"
 exportfs -v | grep -F "$store" || true
 echo "on the registry:  sudo bootstrap/nfs-client.sh <this-host>:$store <MODEL_STORE> rw"
 echo "on each agent:    sudo bootstrap/nfs-client.sh <this-host>:$store <MODEL_STORE> ro"
-echo "agents' .env:     AGENT_VAGRANT_NFS_SERVER=<this-host>  AGENT_VAGRANT_NFS_EXPORT=$store"
+echo "agents' .env:     MODEL_STORE=<that mount point>; their VMs get their folders from the agent host"

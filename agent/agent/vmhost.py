@@ -13,9 +13,11 @@ from types import TracebackType
 
 VM_PACKAGES = (
     "vagrant vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 "
-    "qemu-utils dnsmasq-base iptables debootstrap fdisk extlinux syslinux-common nfs-ganesha nfs-ganesha-vfs "
-    "rpcbind"
+    "qemu-utils dnsmasq-base iptables nftables debootstrap fdisk extlinux syslinux-common nfs-ganesha "
+    "nfs-ganesha-vfs rpcbind libnfs-utils"
 )
+"""nftables: the VMs' firewall (runtimes/vmfirewall.py); libnfs-utils: nfs-cat, a user-space NFS client the export
+test reads with (this kernel may have no NFS client)."""
 INSTALL = f"apt-get install -y {VM_PACKAGES}"
 
 # command (or file) → the Debian package that brings it
@@ -28,6 +30,8 @@ _NEEDED = {
     "qemu-img": "qemu-utils",
     "dnsmasq": "dnsmasq-base",
     "iptables": "iptables",
+    "nft": "nftables",
+    "nfs-cat": "libnfs-utils",
     "debootstrap": "debootstrap",
     "sfdisk": "fdisk",
     "extlinux": "extlinux",
