@@ -8,11 +8,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from flask import Flask, g, has_request_context, jsonify, redirect, render_template, request, url_for
-from flask.sessions import SecureCookieSessionInterface
+from flask import Request as FlaskRequest
+from flask import Response as FlaskResponse
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.wrappers import Response
 
 from frontend.agents import build_agents, build_bus
+from frontend.api import api_error, bearer_token, build_api, is_api_request
 from frontend.auth import build_auth
 from frontend.backends import Backends, Locate, discover
 from frontend.busview import BusInspector
@@ -20,12 +24,13 @@ from frontend.deployments import StreamSlots, build_deployments, is_web_url
 from frontend.files import build_files
 from frontend.live import BusFollower, LiveFeed, LoadHistory
 from frontend.models import build_models, wants_json
-from frontend.security import check_csrf, csrf_token, log_out, session_user_id
+from frontend.passwords import SCRYPT_N, PasswordHasher
+from frontend.security import TOUCH_EVERY, Sessions, check_csrf, csrf_token
 from frontend.settings import FrontendSettings
 from frontend.store import UserStore
 from frontend.users import build_users
 from miaas import __version__
-from miaas.errors import MiaasError
+from miaas.errors import MiaasError, Unauthorized
 
 log = logging.getLogger(__name__)
 # Pages anyone may see; every other page needs a logged-in session.
@@ -50,6 +55,7 @@ def create_app(
     """The portal; `locate(name) -> base URL` finds other services (the service registry by default).
 
     With `consume_bus` it follows the bus in a background thread from here on; `close_app(app)` stops it.
+    Pages authenticate by a server-side session (its id in the cookie); `/api/v1` only by a personal API token.
     """
     token = settings.service_token.get_secret_value()
     app = Flask(__name__)
@@ -59,14 +65,22 @@ def create_app(
         SESSION_COOKIE_NAME="miaas_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=settings.secure_cookies,
+        SESSION_COOKIE_SECURE=settings.secure_cookies or (settings.public_url or "").lower().startswith("https:"),
         PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         MAX_UPLOAD_BYTES=settings.max_upload_bytes,
     )
 
     app.session_interface = _SessionCookies()
-    store = UserStore(settings.database_url)
+    if settings.trusted_proxy_hops:  # the client's address and scheme as the proxies in front of the portal saw them
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+    if settings.password_scrypt_n < SCRYPT_N:
+        log.warning("password hashes use scrypt N=%d, below OWASP's minimum: for tests only",
+                    settings.password_scrypt_n)
+    store = UserStore(settings.database_url, PasswordHasher(n=settings.password_scrypt_n))
+    sessions = Sessions(store, timedelta(hours=settings.session_hours),
+                        timedelta(minutes=settings.session_idle_minutes), clock)
     admin = store.ensure_admin(settings.admin_username, settings.admin_password.get_secret_value(), clock())
     if admin is not None:
         log.warning(
@@ -85,7 +99,7 @@ def create_app(
     follower = BusFollower(settings.kafka_bootstrap, feed, history, time.monotonic) if settings.consume_bus else None
     inspector = BusInspector(settings.kafka_bootstrap, time.monotonic)
     app.extensions.update({
-        "frontend.store": store, "frontend.backends": backends, "frontend.feed": feed,
+        "frontend.store": store, "frontend.sessions": sessions, "frontend.backends": backends, "frontend.feed": feed,
         "frontend.history": history, "frontend.follower": follower, "frontend.bus": inspector,
     })
     app.jinja_env.globals["csrf_token"] = csrf_token
@@ -98,15 +112,22 @@ def create_app(
     @app.before_request
     def _guard() -> Response | None:
         # Only the upload takes a large body, and only from a logged-in user: the login check below reads the
-        # cookie, not the body, so nobody else can make the portal spool gigabytes to disk.
+        # cookie (or the token), not the body, so nobody else can make the portal spool gigabytes to disk.
         if request.endpoint == "files.edit":
             request.max_content_length = EDIT_BODY_BYTES
-        elif request.endpoint != "models.upload":
+        elif request.endpoint not in ("models.upload", "api.upload"):
             request.max_content_length = SMALL_BODY_BYTES
-        user_id = session_user_id()
-        g.user = store.get(user_id) if user_id is not None else None
-        if user_id is not None and g.user is None:  # the user was deleted: end the session
-            log_out()
+        if is_api_request():
+            # A personal API token, and nothing else: the cookie is not even read here (see _SessionCookies), so
+            # a page of another site cannot make a browser act through the API, and CSRF does not apply.
+            given = bearer_token()
+            found = store.token_user(given, clock(), TOUCH_EVERY) if given else None
+            if found is None:
+                raise Unauthorized("a valid personal API token is required (Authorization: Bearer <token>); "
+                                   "create one on your Account page")
+            g.user, g.token = found
+            return None
+        g.user = sessions.load()
         if g.user is None and request.endpoint is not None and request.endpoint not in PUBLIC_ENDPOINTS:
             return redirect(url_for("auth.login_form", next=_here() if request.method == "GET" else None))
         if request.method not in SAFE_METHODS:
@@ -132,12 +153,14 @@ def create_app(
         """Liveness of the portal."""
         return jsonify({"status": "ok", "service": "frontend", "version": __version__})
 
-    app.register_blueprint(build_auth(store, settings, clock))
+    app.register_blueprint(build_auth(store, sessions, settings, clock))
     app.register_blueprint(build_users(store, settings, clock))
     app.register_blueprint(build_models(backends))
     app.register_blueprint(build_files(backends))
     app.register_blueprint(build_deployments(backends, feed, StreamSlots(settings.max_event_streams),
-                                             follows_bus=follower is not None))
+                                             follows_bus=follower is not None, max_stream_s=settings.stream_max_s,
+                                             session_alive=lambda sid: sessions.find(sid) is not None))
+    app.register_blueprint(build_api(backends))
     app.register_blueprint(build_agents(backends, history, time.monotonic))
     app.register_blueprint(build_bus(inspector, settings, feed))
     _install_error_pages(app)
@@ -147,11 +170,22 @@ def create_app(
 
 
 class _SessionCookies(SecureCookieSessionInterface):
-    """The signed session cookie, `Secure` whenever the request came over HTTPS (or FRONTEND_SECURE_COOKIES says
-    the portal sits behind an HTTPS proxy, where it sees plain HTTP)."""
+    """The signed session cookie (the session id, the CSRF token, the next page's notices), `Secure` whenever the
+    request came over HTTPS (or the portal's URL is https, or FRONTEND_SECURE_COOKIES says it sits behind an HTTPS
+    proxy, where it sees plain HTTP). On /api/v1 the cookie is neither read nor set."""
 
     def get_cookie_secure(self, app: Flask) -> bool:
         return bool(app.config["SESSION_COOKIE_SECURE"]) or (has_request_context() and request.is_secure)
+
+    def open_session(self, app: Flask, request: FlaskRequest) -> SecureCookieSession | None:
+        if is_api_request(request):
+            return self.session_class()
+        return super().open_session(app, request)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: FlaskResponse) -> None:
+        if is_api_request():
+            return
+        super().save_session(app, session, response)
 
 
 def close_app(app: Flask) -> None:
@@ -167,27 +201,33 @@ def close_app(app: Flask) -> None:
 def _install_error_pages(app: Flask) -> None:
     """Every error is a page of the portal with a sentence a person can read, never a traceback."""
 
-    def page(status: int, title: str, message: str) -> tuple[str | Response, int]:
+    def page(status: int, title: str, message: str, code: str, details: object = None
+             ) -> tuple[str | Response, int]:
+        if is_api_request():  # the API answers the platform's one error shape
+            return api_error(status, code, message, details), status
         if wants_json():  # the upload script shows the message itself
             return jsonify({"ok": False, "message": message, "problems": []}), status
         return render_template("error.html", status=status, title=title, message=message), status
 
     @app.errorhandler(MiaasError)
     def _ours(exc: MiaasError) -> tuple[str | Response, int]:
-        return page(exc.status, "Request refused" if exc.status < 500 else "Service problem", exc.message)
+        return page(exc.status, "Request refused" if exc.status < 500 else "Service problem", exc.message,
+                    exc.code, exc.details)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> tuple[str | Response, int]:
         status = exc.code or 500
-        if status == 413 and request.endpoint == "models.upload":
+        code = exc.name.lower().replace(" ", "_")
+        if status == 413 and request.endpoint in ("models.upload", "api.upload"):
             limit = app.config["MAX_UPLOAD_BYTES"]
-            return page(413, "Upload too large", f"The portal accepts uploads of up to {_size(limit)}.")
-        return page(status, exc.name, exc.description or exc.name)
+            return page(413, "Upload too large", f"The portal accepts uploads of up to {_size(limit)}.", code)
+        return page(status, exc.name, exc.description or exc.name, code)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[str | Response, int]:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return page(500, "Something went wrong", "The portal hit an unexpected error; it has been logged.")
+        return page(500, "Something went wrong", "The portal hit an unexpected error; it has been logged.",
+                    "internal_error")
 
 
 def _here() -> str:

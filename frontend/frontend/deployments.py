@@ -18,7 +18,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from frontend.backends import Backends
 from frontend.live import LiveFeed
 from frontend.notices import notify, notify_failure
-from frontend.security import require_change_rights, username
+from frontend.security import current_session_id, require_change_rights, username
 from miaas.errors import MiaasError
 from miaas.schemas import Deployment, DeploymentEvent, DeploymentStatus
 
@@ -33,7 +33,7 @@ LOG_TAIL = 200
 RAW_LOG_TAIL = 2000
 KEEPALIVE_S = 15.0
 LOG_POLL_S = 2.0
-STREAM_MAX_S = 600.0  # then the browser reconnects (EventSource does it by itself) and gets a fresh state
+SESSION_CHECK_S = 15.0  # a stream ends this soon after its session does (logout, password change, removal)
 RETRY_MS = 3000
 Page = str | tuple[str, int]
 
@@ -82,7 +82,10 @@ def check_deployment_id(value: str) -> str:
 
 
 def build_deployments(backends: Backends, feed: LiveFeed, slots: StreamSlots, follows_bus: bool,
+                      max_stream_s: float, session_alive: Callable[[str], bool],
                       clock: Callable[[], float] = time.monotonic) -> Blueprint:
+    """`max_stream_s`: a live stream (and the log follow in it) ends after this long, whatever the client does,
+    and the browser's EventSource reconnects by itself; `session_alive(session_id)` ends it with its session."""
     bp = Blueprint("deployments", __name__)
 
     @bp.get("/deployments")
@@ -152,6 +155,7 @@ def build_deployments(backends: Backends, feed: LiveFeed, slots: StreamSlots, fo
             return Response("too many live streams; reload later\n", 503, mimetype="text/plain",
                             headers={"Retry-After": "30"})
         user = username()
+        session_id = current_session_id()
         sub = feed.subscribe(deployment_id)  # before reading the state: no event falls between the two
         try:
             first = backends.get_deployment(user, deployment_id) if deployment_id else None
@@ -166,10 +170,17 @@ def build_deployments(backends: Backends, feed: LiveFeed, slots: StreamSlots, fo
                 if first is not None:
                     yield sse("deployment", state_of(first))
                 started = last_sent = clock()
-                next_log = started
+                next_log, next_check = started, started + SESSION_CHECK_S  # the guard has just checked it
                 agent_id = first.agent_id if first is not None else None
                 log_hash = ""
-                while clock() - started < STREAM_MAX_S and not sub.closed:
+                # Each write either completes or fails within the server's socket timeout, so the deadline below
+                # bounds how long one client can hold this worker thread, even one that never reads.
+                while clock() - started < max_stream_s and not sub.closed:
+                    if clock() >= next_check:
+                        next_check = clock() + SESSION_CHECK_S
+                        if session_id is None or not session_alive(session_id):
+                            return  # logged out meanwhile: the reconnect is sent to the login page
+
                     event = sub.get(timeout=0.5 if follow_logs else 1.0)
                     if sub.overflowed:
                         yield sse("resync", {})

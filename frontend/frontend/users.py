@@ -1,4 +1,4 @@
-"""User management, for admins: roles, removal, invitations."""
+"""User management, for admins: roles, passwords, removal, invitations, everyone's API tokens."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from datetime import datetime
 from flask import Blueprint, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
+from frontend.auth import password_problem
 from frontend.notices import notify, notify_failure
-from frontend.security import require_admin
+from frontend.security import current_session_id, require_admin
 from frontend.settings import FrontendSettings
 from frontend.store import Role, UserStore
-from miaas.errors import MiaasError
+from miaas.errors import MiaasError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def build_users(store: UserStore, settings: FrontendSettings, clock: Callable[[]
         return render_template(
             "users.html", users=store.users(), invitations=store.invitations(clock()), roles=list(Role),
             invitation_url=invitation_url, invited_role=invited_role, open_signup=settings.open_signup,
+            tokens=store.tokens(), now=clock(),
         ), status
 
     @bp.get("/users")
@@ -50,8 +52,29 @@ def build_users(store: UserStore, settings: FrontendSettings, clock: Callable[[]
         notify("success", f"{user.username} is now {role.value}.")
         return _back()
 
+    @bp.post("/users/<int:user_id>/password")
+    def set_password(user_id: int) -> Response | tuple[str, int]:
+        """Set someone's password (they forgot it, or it leaked): every session of theirs ends."""
+        admin = require_admin()
+        problem = password_problem(request.form.get("password", ""))
+        if problem is not None:
+            notify("error", problem)
+            return page(400)
+        try:
+            target = store.get(user_id)
+            if target is None:
+                raise NotFound("no such user")
+            keep = current_session_id() if target.id == admin.id else None  # one's own: this session goes on
+            ended = store.set_password(user_id, request.form["password"], keep_session=keep)
+        except MiaasError as exc:
+            return page(notify_failure(exc))
+        log.warning("admin %r set the password of %r (%d sessions ended)", admin.username, target.username, ended)
+        notify("success", f"The password of {target.username} is set; {ended} session(s) of theirs ended.")
+        return _back()
+
     @bp.post("/users/<int:user_id>/delete")
     def delete(user_id: int) -> Response | tuple[str, int]:
+        """Remove a user: their sessions and API tokens go with them."""
         admin = require_admin()
         try:
             user = store.delete_user(user_id)
@@ -59,6 +82,19 @@ def build_users(store: UserStore, settings: FrontendSettings, clock: Callable[[]
             return page(notify_failure(exc))
         log.warning("admin %r removed user %r", admin.username, user.username)
         notify("success", f"{user.username} is removed.")
+        return _back()
+
+    @bp.post("/users/tokens/<int:token_id>/revoke")
+    def revoke_token(token_id: int) -> Response | tuple[str, int]:
+        """Revoke anyone's personal API token."""
+        admin = require_admin()
+        try:
+            listed = store.revoke_token(token_id, owner_id=None)
+        except MiaasError as exc:
+            return page(notify_failure(exc))
+        log.warning("admin %r revoked API token %r (%s) of %r", admin.username, listed.name, listed.prefix,
+                    listed.username)
+        notify("success", f"The token {listed.name} of {listed.username} is revoked.")
         return _back()
 
     @bp.post("/users/invitations")

@@ -48,6 +48,7 @@ PACKAGE_FILES = {
 }
 ADMIN_PASSWORD = "correct horse battery staple"
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+TEST_SCRYPT_N = 2**10
 
 
 def model_version(model_id: str, name: str, version: int, description: str = "") -> ModelVersion:
@@ -367,6 +368,9 @@ def settings(workdir: Path, service_token: str) -> FrontendSettings:
         database_url=f"sqlite:///{workdir / 'frontend.db'}",
         service_registry_url=None,
         consume_bus=False,
+        # Cheap hashes keep the suite fast; test_frontend_security.py checks the real cost (N=2^17) once.
+        password_scrypt_n=TEST_SCRYPT_N,
+        weak_password_hashes_for_tests=True,
     )
 
 

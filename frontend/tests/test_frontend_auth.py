@@ -78,7 +78,8 @@ def test_logout_clears_the_session(admin: Any) -> None:
     assert answer.status_code == 303
     assert admin.get("/models").status_code == 302
     with admin.client.session_transaction() as session:
-        assert "user_id" not in session
+        assert "sid" not in session
+    assert admin.client.application.extensions["frontend.store"].sessions_of(1, datetime.now(UTC)) == []
 
 
 def test_the_session_cookie_is_httponly_and_samesite_lax(browser: Any) -> None:

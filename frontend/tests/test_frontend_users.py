@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 
 from conftest import ADMIN_PASSWORD, T0, Browser
-from frontend.ratelimit import RateLimiter
+from frontend.ratelimit import Backoff, RateLimiter
 from frontend.store import Role
 
 
@@ -34,11 +34,14 @@ def clock() -> Clock:
 
 @pytest.fixture
 def app(make_portal: Callable[..., Flask], locate: Callable[[str], str], clock: Clock) -> Flask:
-    return make_portal(locate, clock=clock, login_attempts=3, login_window_s=60)
+    return make_portal(locate, clock=clock, login_attempts=3, login_max_delay_s=30, login_window_s=60,
+                       login_address_attempts=12)
 
 
-def browser_of(app: Flask) -> Browser:
-    return Browser(app.test_client(), ADMIN_PASSWORD)
+def browser_of(app: Flask, address: str = "127.0.0.1") -> Browser:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return Browser(client, ADMIN_PASSWORD)
 
 
 # ---------------------------------------------------------------------------------------------------- rate limit
@@ -55,31 +58,74 @@ def test_the_limiter_counts_failures_in_a_sliding_window() -> None:
     assert limiter.retry_after("k", 6.0) == 0
 
 
-def test_failed_logins_are_limited_per_name(app: Flask, clock: Clock) -> None:
+def test_the_backoff_doubles_the_wait_up_to_a_cap_and_forgets() -> None:
+    backoff = Backoff(free=2, max_s=8, forget_s=20)
+    backoff.failed("k", 0.0)
+    backoff.failed("k", 0.0)
+    assert backoff.retry_after("k", 0.0) == 1.0  # the free failures are used up: 1 s, then doubling
+    waits = []
+    for t in (1.0, 3.0, 7.0, 15.0, 23.0):
+        assert backoff.retry_after("k", t) == 0
+        backoff.failed("k", t)
+        waits.append(backoff.retry_after("k", t))
+    assert waits == [2.0, 4.0, 8.0, 8.0, 8.0]  # capped
+    assert backoff.retry_after("other", 23.0) == 0  # keys are independent
+    backoff.failed("k", 31.0)
+    assert backoff.retry_after("k", 51.0) == 0  # 20 s after the last failure they are forgotten
+    backoff.failed("k", 51.0)
+    assert backoff.retry_after("k", 51.0) == 0  # counting starts afresh
+    backoff.failed("k", 52.0)
+    backoff.succeeded("k")
+    assert backoff.retry_after("k", 52.0) == 0
+
+
+def test_the_backoff_must_remember_longer_than_its_longest_wait() -> None:
+    with pytest.raises(ValueError):
+        Backoff(free=2, max_s=20, forget_s=20)
+
+
+def test_failures_of_a_name_from_an_address_make_it_wait_longer_each_time(app: Flask, clock: Clock) -> None:
     web = browser_of(app)
-    for _ in range(3):
-        assert web.login(password="wrong password!!").status_code == 200
-    # when the limit is reached, even the right password is refused, and the page says for how long
+    for _ in range(2):
+        assert "Wrong username or password.</" in web.login(password="wrong password!!").text
+    third = web.login(password="wrong password!!")
+    assert third.status_code == 200 and "Wait 1 seconds before the next try." in third.text
+    # while it waits, even the right password is refused (no hash is computed), and the page says for how long
     refused = web.login()
     assert refused.status_code == 429
-    assert refused.headers["Retry-After"] == "60"
-    assert "Too many failed logins. Try again in 60 seconds." in refused.text
-    assert web.get("/models").status_code == 302
-    # when the window has passed, the right password works again
+    assert refused.headers["Retry-After"] == "1"
+    assert "Too many failed logins. Try again in 1 seconds." in refused.text
+    clock.advance(1)
+    assert "Wait 2 seconds" in web.login(password="wrong password!!").text
+    assert web.login().headers["Retry-After"] == "2"
+    clock.advance(2)
+    assert web.login().status_code == 303
+
+
+def test_a_flood_for_a_name_from_one_address_never_stops_that_person_from_another(app: Flask,
+                                                                                  clock: Clock) -> None:
+    attacker = browser_of(app, "203.0.113.7")
+    for _ in range(40):
+        assert attacker.login(password="guessing password").status_code in (200, 429)
+        clock.advance(0.5)
+    assert attacker.login().status_code == 429  # the attacker's address is held back, for this name too
+    person = browser_of(app, "198.51.100.20")
+    assert person.login().status_code == 303  # the name itself is not locked
+    assert person.get("/models").status_code == 200
+
+
+def test_one_address_failing_for_many_names_is_limited(app: Flask, clock: Clock) -> None:
+    web = browser_of(app, "203.0.113.7")
+    for i in range(12):  # 12 failures from one address, for 6 names: under each pair's free attempts
+        assert web.login(username=f"guess{i // 2}", password="wrong password!!").status_code == 200
+    refused = web.login(username="someone-else", password="wrong password!!")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+    assert browser_of(app, "198.51.100.20").login().status_code == 303  # other addresses are not affected
     clock.advance(61)
     assert web.login().status_code == 303
 
 
-def test_another_name_from_the_same_address_is_limited_later(app: Flask, clock: Clock) -> None:
-    web = browser_of(app)
-    for i in range(12):  # 3 per name x 4 names: the address limit (4 x 3)
-        web.login(username=f"guess{i // 3}", password="wrong password!!")
-    assert web.login(username="someone-else", password="wrong password!!").status_code == 429
-    clock.advance(61)
-    assert web.login().status_code == 303
-
-
-def test_a_success_clears_the_names_failures(app: Flask) -> None:
+def test_a_success_clears_the_failures_of_the_name_from_that_address(app: Flask) -> None:
     web = browser_of(app)
     for _ in range(2):
         web.login(password="wrong password!!")
@@ -88,6 +134,23 @@ def test_a_success_clears_the_names_failures(app: Flask) -> None:
     for _ in range(2):
         assert web.login(password="wrong password!!").status_code == 200
     assert web.login().status_code == 303
+
+
+def test_forwarded_addresses_count_only_behind_trusted_proxies(make_portal: Callable[..., Flask],
+                                                               locate: Callable[[str], str]) -> None:
+    def flood_then_login(app: Flask) -> int:
+        attacker = browser_of(app, "10.0.0.1")  # the proxy's address
+        for _ in range(3):
+            attacker.post("/login", {"username": "admin", "password": "wrong password!!"},
+                          headers={"X-Forwarded-For": "203.0.113.7"})
+        person = browser_of(app, "10.0.0.1")
+        return person.post("/login", {"username": "admin", "password": ADMIN_PASSWORD},
+                           headers={"X-Forwarded-For": "198.51.100.20"}).status_code
+
+    # behind one trusted proxy, each client is told apart by the address the proxy saw
+    assert flood_then_login(make_portal(locate, login_attempts=3, trusted_proxy_hops=1)) == 303
+    # without one, X-Forwarded-For is the client's own word and is ignored: no dodging the limit with it
+    assert flood_then_login(make_portal(locate, login_attempts=3)) == 429
 
 
 # ---------------------------------------------------------------------------------------------------- sign-up
