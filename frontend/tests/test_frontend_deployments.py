@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -116,9 +117,10 @@ def drain(sub: Any) -> list[DeploymentEvent]:
 
 @pytest.fixture
 def live_portal(make_portal: Callable[..., Flask], locate: Callable[[str], str], broker: str,
-                serve: Callable[[Flask], Server]) -> Iterator[str]:
-    """A portal following the real broker, served over HTTP; its URL."""
-    app = make_portal(locate, consume_bus=True, kafka_bootstrap=broker, max_event_streams=2, threads=10)
+                serve: Callable[[Flask], Server], request: pytest.FixtureRequest) -> Iterator[str]:
+    """A portal following the real broker, served over HTTP; its URL. Indirect parameters add settings."""
+    extra: dict[str, Any] = getattr(request, "param", {})
+    app = make_portal(locate, consume_bus=True, kafka_bootstrap=broker, max_event_streams=2, threads=10, **extra)
     assert app.extensions["frontend.follower"].ready.wait(30)
     yield serve(app).url
     app.extensions["frontend.feed"].close()  # open streams end, so the server stops at once
@@ -198,6 +200,42 @@ def test_live_streams_are_limited(live_portal: str, controller: Any) -> None:
         finally:
             for r in (first, second, third):
                 r.close()
+
+
+@pytest.mark.parametrize("live_portal", [{"stream_max_s": 1.5}], indirect=True, ids=["stream_max_s=1.5"])
+def test_a_live_stream_and_its_log_follow_end_after_the_longest_time(live_portal: str, controller: Any,
+                                                                     agent: Any) -> None:
+    fake, agent_url = agent
+    fake.logs["d1"] = ["starting", "serving"]
+    controller.add_agent("agent-1", 10, 20, url=agent_url)
+    controller.add_deployment("d1", "running", agent_id="agent-1")
+    with logged_in(live_portal) as web:
+        started = time.monotonic()
+        with web.get(f"{live_portal}/deployments/d1/events?logs=1", stream=True, timeout=30) as stream:
+            raw = stream.text  # the whole stream: it ends by itself
+        took = time.monotonic() - started
+        assert 1.5 <= took < 10
+        assert raw.startswith("retry: ") and "event: deployment" in raw and "event: logs" in raw
+        # the slots are free again: the browser's EventSource reconnects (after `retry`) and is served
+        for _ in range(2):
+            with web.get(f"{live_portal}/deployments/events", stream=True, timeout=30) as again:
+                assert again.status_code == 200
+                assert again.text.startswith("retry: ")  # and it ends by itself too
+
+
+def test_a_live_stream_ends_with_its_session(live_portal: str, controller: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("frontend.deployments.SESSION_CHECK_S", 0.2)
+    controller.add_deployment("d1", "running")
+    with logged_in(live_portal) as web, web.get(f"{live_portal}/deployments/d1/events", stream=True,
+                                                timeout=30) as stream:
+        received = events_of(stream)
+        assert next(received)[0] == "deployment"
+        csrf = web.get(f"{live_portal}/models", timeout=10).text.split('name="csrf_token" value="', 1)[1]
+        web.post(f"{live_portal}/logout", data={"csrf_token": csrf.split('"', 1)[0]}, timeout=10)
+        started = time.monotonic()
+        assert list(received) == []  # the stream ends, long before its 10 minutes
+        assert time.monotonic() - started < 5
 
 
 def test_a_stream_needs_a_login(live_portal: str) -> None:
