@@ -11,6 +11,7 @@ Needs root and the packages of agent.vmhost.INSTALL; anything missing is a skip,
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -257,6 +258,8 @@ def test_a_model_is_deployed_into_a_real_vm_answers_logs_and_is_destroyed(cluste
                 pass  # the listener answers on the host itself: the VM's failure below is the firewall's doing
             seen = probe_from_the_vm(cluster.state_dir / "agent-1" / deployment_id / "vm", canary_port)
         finally:
+            with contextlib.suppress(OSError):  # wakes the accepting thread, so the port is really closed
+                canary.shutdown(socket.SHUT_RDWR)
             canary.close()
         print(f"isolation probed from inside the VM in {time.monotonic() - probed:.0f} s: {seen}")
         assert seen["canary"] in ("EHOSTUNREACH", "timeout"), seen

@@ -6,6 +6,7 @@ a name of the test's own, on a bridge of the test's own, and are removed after i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -67,13 +68,20 @@ def listen(address: str, port: int, netns: str | None = None) -> subprocess.Pope
     server.bind((address, port))
     server.listen()
 
+    def serve(conn: socket.socket) -> None:
+        # the client closes first: no TIME_WAIT on this port of the host, which an NFS server binds after this test
+        with conn:
+            conn.settimeout(10)
+            with contextlib.suppress(OSError):
+                conn.recv(1)
+
     def accept() -> None:
         while True:
             try:
                 conn, _ = server.accept()
             except OSError:
                 return
-            conn.close()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     return server
@@ -153,6 +161,8 @@ def test_vms_reach_only_nfs_on_the_host_nothing_else_and_cannot_take_anothers_ad
         firewall.remove(table)
         for server in (controller, nfs):
             if server is not None:
+                with contextlib.suppress(OSError):  # wakes the accepting thread: the port is free after the test
+                    server.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
                 server.close()  # type: ignore[union-attr]
         for proc in (other_vm, in_a):
             proc.kill()  # type: ignore[union-attr]
