@@ -7,6 +7,7 @@ PACKAGES=(
     chromium     # the portal's browser tests drive it with Playwright (no browser is downloaded)
     bubblewrap   # the process runtime's sandbox
     iptables     # the sandbox's per-user firewall rules
+    nftables libnfs-utils  # the VMs' firewall; reading the per-VM NFS exports in the tests
     # the VM test (pytest -m vm): libvirt + QEMU, Vagrant with vagrant-libvirt, the box build, nfs-ganesha
     vagrant vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
     qemu-utils dnsmasq-base debootstrap fdisk extlinux syslinux-common nfs-ganesha nfs-ganesha-vfs rpcbind
