@@ -1,12 +1,11 @@
-"""Fixtures shared by every test: a real broker, a throwaway PostgreSQL, servers for in-process apps, settings, and
-the CI skip rule."""
+"""Fixtures shared by every test: a cluster CA, a real broker, a throwaway PostgreSQL, servers for in-process
+apps, settings, and the CI skip rule."""
 
 from __future__ import annotations
 
 import glob
 import os
 import pwd
-import secrets
 import shutil
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from flask import Flask
 from embedded_broker import EmbeddedBroker
 from miaas.bus import ensure_topics
 from miaas.serve import Server
+from miaas.testing import Pki
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -37,8 +37,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def service_token() -> str:
-    return secrets.token_hex(32)
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The cluster CA of the test session and credentials from it (see miaas.testing.Pki)."""
+    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 from pydantic import BaseModel, ValidationError
 
+from miaas import identity
 from miaas.schemas import AgentMetrics, ConsumerStats, DeploymentEvent, ModelEvent
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,9 @@ class KafkaBus:
     old producer still held are purged from it and published again by the new one, in order.
     """
 
-    def __init__(self, bootstrap: str, *, client_id: str = "miaas") -> None:
+    def __init__(self, bootstrap: str, *, client_id: str = "miaas", signer: identity.MessageSigner | None = None,
+                 config: Mapping[str, Any] | None = None) -> None:
+        self.signer = signer
         self._config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
@@ -189,6 +192,7 @@ class KafkaBus:
             "linger.ms": 5,
             "message.timeout.ms": 30000,
             "allow.auto.create.topics": False,
+            **(config or {}),
         }
         self._lock = threading.RLock()
         self.renewed = 0
@@ -197,10 +201,12 @@ class KafkaBus:
 
     def publish(self, topic: str, key: str, message: BaseModel) -> None:
         payload = message.model_dump_json().encode()
+        raw_key = key.encode()
+        headers = self.signer.headers(topic, raw_key, payload) if self.signer is not None else None
         producer, health = self._producer_now()
         while True:
             try:
-                producer.produce(topic, key=key.encode(), value=payload, on_delivery=health.delivered)
+                producer.produce(topic, key=raw_key, value=payload, headers=headers, on_delivery=health.delivered)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -246,10 +252,11 @@ class KafkaBus:
             log.warning("producer %s: purging the old producer failed: %s", self._config["client.id"], exc)
         self._producer, self._health = self._new_producer()
         self.renewed += 1
-        for topic, key, value in health.purged:
+        for topic, key, value, headers in health.purged:
             while True:
                 try:
-                    self._producer.produce(topic, key=key, value=value, on_delivery=self._health.delivered)
+                    self._producer.produce(topic, key=key, value=value, headers=headers,
+                                           on_delivery=self._health.delivered)
                     break
                 except BufferError:
                     self._producer.poll(0.1)
@@ -269,7 +276,7 @@ class _ProducerHealth:
     def __init__(self) -> None:
         self.has_delivered = False
         self.stale: str | None = None
-        self.purged: list[tuple[str, bytes | None, bytes | None]] | None = None
+        self.purged: list[tuple[str, bytes | None, bytes | None, Any]] | None = None
         """While it is replaced: the messages purged from it, to publish again."""
 
     def error(self, err: KafkaError) -> None:
@@ -286,7 +293,7 @@ class _ProducerHealth:
             self.has_delivered = True
             return
         if err.code() in _PURGED and self.purged is not None:
-            self.purged.append((msg.topic(), msg.key(), msg.value()))
+            self.purged.append((msg.topic(), msg.key(), msg.value(), msg.headers()))
             return
         _report(err, msg)
         self.stale = f"a delivery failed ({err.str()})"
@@ -321,7 +328,7 @@ class Received:
     again only if asked; otherwise `value` holds the JSON object and `message` is None.
     """
 
-    __slots__ = ("topic", "partition", "offset", "key", "message", "_value", "_raw")
+    __slots__ = ("topic", "partition", "offset", "key", "message", "signer", "_value", "_raw")
 
     def __init__(
         self,
@@ -332,7 +339,10 @@ class Received:
         value: dict[str, Any] | None = None,
         message: BaseModel | None = None,
         raw: bytes | None = None,
+        signer: identity.Certificate | None = None,
     ) -> None:
+        self.signer = signer
+        """The producer's certificate, when the consumer checks signatures."""
         self.topic = topic
         self.partition = partition
         self.offset = offset
@@ -379,7 +389,10 @@ NOT_FINITE = "not_finite"  # NaN or infinity where a number is expected
 OUT_OF_RANGE = "out_of_range"  # a number below or above its bounds: negative CPU %, memory, capacity, interval
 INVALID = "invalid"  # anything else the schema refuses: a missing field, a wrong type
 HANDLER_ERROR = "handler_error"  # valid, but the handler raised
-SKIP_REASONS = (TOO_LARGE, BAD_JSON, SCHEMA_VERSION, NOT_FINITE, OUT_OF_RANGE, INVALID, HANDLER_ERROR)
+# ... and, where signatures are checked, identity.REFUSAL_REASONS: unsigned, bad_certificate, bad_signature,
+# revoked, replayed, stale, impersonation (signed by one identity, speaking for another: raised by a handler).
+SKIP_REASONS = (TOO_LARGE, BAD_JSON, SCHEMA_VERSION, NOT_FINITE, OUT_OF_RANGE, INVALID, HANDLER_ERROR,
+                *identity.REFUSAL_REASONS)
 _RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
 
 
@@ -389,6 +402,8 @@ def skip_reason(exc: BaseException) -> tuple[str, str]:
         return BAD_JSON, str(exc)[:200]
     if isinstance(exc, KeyMismatch):
         return INVALID, str(exc)[:200]
+    if isinstance(exc, identity.Refused):
+        return exc.reason, str(exc)[:200]
     if not isinstance(exc, ValidationError):
         return HANDLER_ERROR, f"{exc.__class__.__name__}: {str(exc)[:200]}"
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
@@ -469,6 +484,7 @@ class PartitionConsumer:
         group_id: str = "miaas",
         batch_size: int = 500,
         log_every_s: float = 10.0,
+        checker: identity.MessageChecker | None = None,
     ) -> None:
         if (handler is None) == (batch_handler is None):
             raise ValueError("give one of handler and batch_handler")
@@ -486,6 +502,8 @@ class PartitionConsumer:
         self.start_at = OFFSET_BEGINNING if start == "beginning" else OFFSET_END
         self.group_id = group_id
         self.batch_size = batch_size
+        self.checker = checker
+        """Checks each message's signature before anything else: refused ones are skipped, per reason."""
         self.consumed = 0
         self.superseded = 0
         self.skipped = 0
@@ -716,16 +734,20 @@ class PartitionConsumer:
             self._skip(f"{topic}[{msg.partition()}]@{msg.offset()}", BAD_JSON if raw is None else TOO_LARGE, why)
             return None
         try:
-            key = msg.key()
-            key = key.decode("utf-8", "replace") if key is not None else None
+            raw_key = msg.key()
+            signer = None
+            if self.checker is not None:
+                signer = self.checker.check(topic, msg.partition(), raw_key, raw, msg.headers(), time.time(),
+                                            msg.offset())
+            key = raw_key.decode("utf-8", "replace") if raw_key is not None else None
             checks = self._checks.get(topic)
             if checks is None:
-                return Received(topic, msg.partition(), msg.offset(), key, value=_json_object(raw))
+                return Received(topic, msg.partition(), msg.offset(), key, value=_json_object(raw), signer=signer)
             validate_json, field = checks
             message = validate_json(raw)  # Model.model_validate_json without its Python wrapper
             if field is not None and key is not None and getattr(message, field) != key:
                 raise KeyMismatch(f"key {key[:100]!r} is not the message's {field} {getattr(message, field)!r}")
-            return Received(topic, msg.partition(), msg.offset(), key, message=message, raw=raw)
+            return Received(topic, msg.partition(), msg.offset(), key, message=message, raw=raw, signer=signer)
         except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are counted and passed over
             self._skip(f"{topic}[{msg.partition()}]@{msg.offset()}", *skip_reason(exc))
             return None

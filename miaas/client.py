@@ -1,22 +1,68 @@
-"""HTTP client for calling other MIaaS services with the cluster token and one error mapping."""
+"""HTTP client for calling other MIaaS services, every request signed by the caller's identity, with one error
+mapping."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+from requests.auth import AuthBase
 
+from miaas import identity
 from miaas.errors import RemoteError, UpstreamError
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def host_header(url: str) -> str:
+    """The Host header http.client sends for `url`: the host, and the port unless it is the scheme's default."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None and parts.port != DEFAULT_PORTS.get(parts.scheme):
+        host = f"{host}:{parts.port}"
+    return host
+
+
+class Signer(AuthBase):
+    """Signs each request with the current credential (read again on every request: rotation needs no restart).
+
+    The Host header is set to the value signed. A body that is not bytes or text (a file or generator being
+    streamed) is signed as UNSIGNED-PAYLOAD; only an upload route accepts that."""
+
+    def __init__(self, credential: identity.CredentialSource) -> None:
+        self.credential = credential
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        host = host_header(str(r.url))
+        body = r.body
+        digest = identity.body_digest(body) if body is None or isinstance(body, (bytes, str)) \
+            else identity.UNSIGNED_PAYLOAD
+        r.headers["Host"] = host
+        r.headers.update(identity.sign_request(self.credential(), str(r.method), r.path_url, host, digest,
+                                               time.time()))
+        return r
+
+
+def credential_source(credential: identity.Credential | identity.CredentialSource) -> identity.CredentialSource:
+    return identity.fixed(credential) if isinstance(credential, identity.Credential) else credential
 
 
 class ServiceClient:
-    """Calls one service; errors it answers come back as `RemoteError` with its status and code."""
+    """Calls one service as one identity; errors it answers come back as `RemoteError` with its status and code.
 
-    def __init__(self, base_url: str, token: str, *, timeout: float = 10.0, user: str | None = None) -> None:
+    `user`: the person the portal acts for (`X-MIaaS-User`; only the portal's identity may send it)."""
+
+    def __init__(self, base_url: str, credential: identity.Credential | identity.CredentialSource, *,
+                 timeout: float = 10.0, user: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.session.auth = Signer(credential_source(credential))
+        self.session.trust_env = False  # a proxy from the environment would see (and could replay) our requests
         if user:
             self.session.headers["X-MIaaS-User"] = user
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from miaas.client import ServiceClient
 from miaas.errors import MiaasError, RemoteError, Unavailable
+from miaas.identity import Credential, CredentialSource
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,9 @@ log = logging.getLogger(__name__)
 class Discovery:
     """Finds services through the service registry, caching each answer for a short time."""
 
-    def __init__(self, registry_url: str, token: str, *, cache_s: float = 2.0, timeout: float = 5.0) -> None:
-        self.client = ServiceClient(registry_url, token, timeout=timeout)
+    def __init__(self, registry_url: str, credential: Credential | CredentialSource, *, cache_s: float = 2.0,
+                 timeout: float = 5.0) -> None:
+        self.client = ServiceClient(registry_url, credential, timeout=timeout)
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
@@ -52,7 +54,7 @@ class Registration:
     def __init__(
         self,
         registry_url: str,
-        token: str,
+        credential: Credential | CredentialSource,
         *,
         name: str,
         url: str,
@@ -60,7 +62,7 @@ class Registration:
         instance_id: str | None = None,
         interval_s: float = 5.0,
     ) -> None:
-        self.client = ServiceClient(registry_url, token, timeout=5.0)
+        self.client = ServiceClient(registry_url, credential, timeout=5.0)
         self.body: dict[str, Any] = {"name": name, "url": url, "metadata": metadata or {}}
         if instance_id:
             self.body["instance_id"] = instance_id

@@ -437,7 +437,7 @@ class MessageSigner:
         self._seq = start if start is not None else time.time_ns()
         self._lock = threading.Lock()
 
-    def headers(self, topic: str, key: bytes | None, value: bytes) -> list[tuple[str, bytes]]:
+    def headers(self, topic: str, key: bytes | None, value: bytes) -> list[tuple[str, str | bytes | None]]:
         cred = self.credential()
         with self._lock:
             self._seq += 1
@@ -456,11 +456,14 @@ class MessageChecker:
         self.verifier = verifier
         self.max_age_s = max_age_s
         self.max_skew_s = max_skew_s
-        self._last: dict[tuple[str, str, int], int] = {}
+        self._last: dict[tuple[str, str, int], tuple[int, int | None]] = {}
         self._lock = threading.Lock()
 
     def check(self, topic: str, partition: int, key: bytes | None, value: bytes,
-              headers: Iterable[tuple[str, bytes | None]] | None, now: float) -> Certificate:
+              headers: Iterable[tuple[str, bytes | None]] | None, now: float, offset: int | None = None,
+              ) -> Certificate:
+        """`offset`: where the message was read; the same message read again at the same offset (a consumer
+        handing a batch over once more) is not a replay, the same one at another offset is."""
         found: dict[str, bytes] = {}
         for name, raw in headers or ():
             if raw is not None and name in (H_CERT, H_SEQ, H_TS, H_SIG):
@@ -480,9 +483,9 @@ class MessageChecker:
         where = (cert.serial, topic, partition)
         with self._lock:
             last = self._last.get(where)
-            if last is not None and seq <= last:
-                raise Refused(REPLAYED, f"sequence {seq} of {cert.subject} was already seen (last {last})")
-            self._last[where] = seq
+            if last is not None and (seq < last[0] or (seq == last[0] and (offset is None or offset != last[1]))):
+                raise Refused(REPLAYED, f"sequence {seq} of {cert.subject} was already seen (last {last[0]})")
+            self._last[where] = (seq, offset)
         return cert
 
 

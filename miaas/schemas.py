@@ -509,3 +509,83 @@ class HealthResponse(Wire):
     service: str
     version: str
 
+
+
+# --------------------------------------------------------------------------- identities (controller)
+
+
+class JoinRequest(Request):
+    """An agent asks for its own certificate with a join token (`POST /controller/join`, unsigned)."""
+
+    join_token: str = Field(min_length=20, max_length=4096)
+    agent_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    url: str = Field(min_length=8, max_length=512, description="where the agent serves: commands go only there")
+    public_key: str = Field(min_length=40, max_length=64, description="base64url raw Ed25519 public key")
+
+
+class RenewRequest(Request):
+    """An agent (signed by its current certificate) asks for a new one for a new key (`POST /controller/renew`)."""
+
+    public_key: str = Field(min_length=40, max_length=64)
+
+
+class IssuedCertificate(Wire):
+    certificate: str = Field(description="the certificate token (see miaas.identity)")
+    subject: str
+    role: str
+    serial: str
+    not_after: datetime
+    url: str | None = None
+
+
+class JoinTokenRequest(Request):
+    ttl_s: float = Field(3600.0, gt=0, le=7 * 24 * 3600, allow_inf_nan=False)
+    uses: int = Field(1, ge=1, le=10_000)
+
+
+class JoinTokenIssued(Wire):
+    join_token: str = Field(description="shown once: give it to the agents that are to join")
+    serial: str
+    uses: int
+    expires_at: datetime
+
+
+class RevokeRequest(Request):
+    """Revoke a certificate or join token by serial, or every certificate of a subject (an agent id)."""
+
+    serial: str | None = Field(None, min_length=16, max_length=64)
+    subject: str | None = Field(None, min_length=1, max_length=128)
+    reason: str = Field("", max_length=500)
+
+
+class Revocation(Wire):
+    serial: str
+    subject: str | None = None
+    reason: str = ""
+    revoked_at: datetime
+
+
+class RevokeResult(Wire):
+    revoked: list[Revocation]
+
+
+class RevokedList(Wire):
+    """Every revoked serial; every service fetches this every few seconds."""
+
+    serials: list[str]
+
+
+class IdentityView(Wire):
+    """A certificate the controller issued (agents) and whether it is revoked."""
+
+    serial: str
+    subject: str
+    role: str
+    url: str | None = None
+    issued_at: datetime
+    not_after: datetime
+    revoked_at: datetime | None = None
+
+
+class IdentityList(Wire):
+    identities: list[IdentityView]

@@ -94,13 +94,15 @@ def run_service(
     server = Server(app, settings.host, settings.port, threads=threads, max_body_bytes=max_body_bytes)
     public_url = settings.public_url or server.url
     app.config["PUBLIC_URL"] = public_url
+    trust = app.extensions["miaas_trust"]  # set by every service's create_app (miaas.trust.Trust)
     if on_start is not None:
-        on_start(public_url)
+        on_start(public_url)  # an agent joins the cluster here, once its URL is known
+    trust.start()
     registration = None
     if settings.service_registry_url:
         registration = Registration(
             settings.service_registry_url,
-            settings.service_token.get_secret_value(),
+            trust.credential,
             name=name,
             url=public_url,
             metadata=metadata,
@@ -123,6 +125,7 @@ def run_service(
         log.info("%s stopping", name)
         if registration is not None:
             registration.stop()
+        trust.stop()
         if on_stop is not None:
             on_stop()
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,20 +32,37 @@ def shared(env: str, default: object = ..., **kw: object) -> object:
 
 
 class ServiceSettings(BaseSettings):
-    """What every service needs: where it listens, the cluster token, the broker and the service registry."""
+    """What every service needs: where it listens, its identity, the broker and the service registry.
+
+    `ca_file` (MIAAS_CA_FILE) is the cluster CA's public key, the same file everywhere; `credential_file`
+    (<PREFIX>CREDENTIAL_FILE) is this service's own key and certificate (mode 0600), read again when it changes."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
     public_url: str | None = Field(None, description="URL other services use to reach this one")
-    service_token: SecretStr = shared("MIAAS_SERVICE_TOKEN")  # type: ignore[assignment]
+    ca_file: Path = shared("MIAAS_CA_FILE", description="the cluster CA's public key (ca.json)")  # type: ignore[assignment]
+    credential_file: Path = Field(description="this service's credential: its private key and certificate")
+    revocation_interval_s: float = shared("MIAAS_REVOCATION_INTERVAL_S", 3.0, gt=0, le=60)  # type: ignore[assignment]
     kafka_bootstrap: str = shared("MIAAS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")  # type: ignore[assignment]
     service_registry_url: str | None = shared("MIAAS_SERVICE_REGISTRY_URL", None)  # type: ignore[assignment]
     heartbeat_interval_s: float = shared("MIAAS_HEARTBEAT_INTERVAL_S", 5.0, gt=0)  # type: ignore[assignment]
     log_level: str = shared("MIAAS_LOG_LEVEL", "INFO")  # type: ignore[assignment]
 
-    @field_validator("service_token")
+    @field_validator("ca_file")
     @classmethod
-    def _token_is_real(cls, value: SecretStr) -> SecretStr:
-        return check_secret(value, "MIAAS_SERVICE_TOKEN")
+    def _ca_is_readable(cls, value: Path) -> Path:
+        from miaas.identity import load_ca_public
+
+        load_ca_public(value)  # a clear error now rather than a refused request later
+        return value
+
+    @field_validator("credential_file")
+    @classmethod
+    def _credential_is_readable(cls, value: Path | None) -> Path | None:
+        from miaas.identity import Credential
+
+        if value is not None:
+            Credential.load(value)
+        return value

@@ -1,15 +1,21 @@
-"""Flask helpers shared by the services: typed routes, OpenAPI, auth, one JSON error shape, serving.
+"""Flask helpers shared by the services: typed routes, OpenAPI, authentication by identity, one JSON error shape.
 
 A route declares its query and body schemas; the same pydantic models validate the request and
 produce `/openapi.json`, so the document cannot drift from the code.
+
+Every route that is not public names the roles that may call it (`allow=`, or its `Api`'s default). A request is
+authenticated by its signature (`miaas.identity`: the caller's certificate, signed method, target, Host, time,
+nonce and body hash); `g.identity` is then the caller's certificate and `g.caller` who it acts for: the person
+named in `X-MIaaS-User` (accepted from the portal only) or the identity's subject.
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,8 +24,8 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from miaas import __version__
-from miaas.errors import BadRequest, MiaasError, Unauthorized
+from miaas import __version__, identity
+from miaas.errors import BadRequest, Forbidden, MiaasError, Unauthorized
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,16 +44,30 @@ class Operation:
     status: int = 200
     public: bool = False
     content_type: str | None = None
+    allow: tuple[str, ...] = ()
+
+
+@dataclass
+class Access:
+    """Who may call one endpoint: nobody signed (public), or the listed roles; and whether its body is streamed
+    (a multipart upload whose hash the caller signs as UNSIGNED-PAYLOAD)."""
+
+    public: bool
+    allow: frozenset[str]
+    streamed: bool = False
 
 
 @dataclass
 class Api:
-    """A blueprint whose routes validate with pydantic and are collected into an OpenAPI document."""
+    """A blueprint whose routes validate with pydantic and are collected into an OpenAPI document.
+
+    `allow` is the roles every route of it accepts unless the route names its own."""
 
     name: str
+    allow: tuple[str, ...] = ()
     blueprint: Blueprint = field(init=False)
     operations: list[Operation] = field(default_factory=list)
-    public_endpoints: set[str] = field(default_factory=set)
+    access: dict[str, Access] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.blueprint = Blueprint(self.name, __name__)
@@ -63,13 +83,24 @@ class Api:
         status: int = 200,
         public: bool = False,
         content_type: str | None = None,
+        allow: Iterable[str] | None = None,
+        streamed: bool = False,
     ) -> Callable[[F], F]:
-        """Register a view; it receives `query=` and `body=` models and may return a model."""
+        """Register a view; it receives `query=` and `body=` models and may return a model.
+
+        `allow`: the roles that may call it (default: the Api's); `public`: anyone, unsigned."""
+        roles = tuple(self.allow if allow is None else allow)
+        unknown = set(roles) - set(identity.ROLES)
+        if unknown:
+            raise ValueError(f"{rule}: unknown roles {sorted(unknown)}")
+        if not public and not roles:
+            raise ValueError(f"{method} {rule} is neither public nor allowed to any role")
 
         def decorate(view: F) -> F:
             summary = (view.__doc__ or view.__name__).strip().splitlines()[0]
             self.operations.append(
-                Operation(rule, method, summary, query, body, response, status, public, content_type)
+                Operation(rule, method, summary, query, body, response, status, public, content_type,
+                          () if public else roles)
             )
 
             @functools.wraps(view)
@@ -87,8 +118,7 @@ class Api:
                     return Response(result.model_dump_json(), status=status, mimetype="application/json")
                 return result
 
-            if public:
-                self.public_endpoints.add(f"{self.name}.{view.__name__}")
+            self.access[f"{self.name}.{view.__name__}"] = Access(public, frozenset(roles), streamed)
             self.blueprint.add_url_rule(rule, view.__name__, wrapper, methods=[method])
             return view
 
@@ -142,7 +172,8 @@ def openapi_document(title: str, apis: Iterable[Api]) -> dict[str, Any]:
                 ok["content"] = {"application/json": {"schema": ref(op.response)}}
             entry["responses"][str(op.status)] = ok
             if not op.public:
-                entry["security"] = [{"serviceToken": []}]
+                entry["security"] = [{"miaasSignature": []}]
+                entry["x-miaas-roles"] = list(op.allow)
             paths.setdefault(path, {})[op.method.lower()] = entry
     schemas["Error"] = {
         "type": "object",
@@ -161,28 +192,20 @@ def openapi_document(title: str, apis: Iterable[Api]) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"serviceToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"miaasSignature": {
+                "type": "apiKey", "in": "header", "name": identity.SIGNATURE_HEADER,
+                "description": "a request signed by a cluster identity (see miaas.identity): "
+                               f"{identity.CERT_HEADER} carries the certificate, {identity.SIGNATURE_HEADER} "
+                               "the signature over method, target, Host, time, nonce and body hash"}},
         },
     }
-
-
-def bearer_token() -> str | None:
-    """The bearer token of the current request, if any."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def token_matches(given: str | None, expected: str) -> bool:
-    """Constant-time comparison of a presented token with the cluster's."""
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def error_response(exc: MiaasError) -> Response:
     response = jsonify(exc.to_body())
     response.status_code = exc.status
     if exc.status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="miaas"'
+        response.headers["WWW-Authenticate"] = 'MIaaS-Signature realm="miaas"'
     return response
 
 
@@ -207,13 +230,98 @@ def install_errors(app: Flask) -> None:
         return error_response(MiaasError("internal error; see the service log"))
 
 
+USER_HEADER = "X-MIaaS-User"
+MAX_USER_LENGTH = 200
+
+
+class RevocationList:
+    """The serials the cluster has revoked, fetched from the controller every `interval_s` by a background thread.
+
+    `fetch` answers the current list (or raises); a failed fetch keeps the last list, so an unreachable controller
+    never un-revokes anyone. `update` sets it directly (the controller itself, tests)."""
+
+    def __init__(self, fetch: Callable[[], Iterable[str]] | None = None, *, interval_s: float = 3.0) -> None:
+        self.fetch = fetch
+        self.interval_s = interval_s
+        self._serials: frozenset[str] = frozenset()
+        self.fetched_at: float | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self) -> frozenset[str]:
+        return self._serials
+
+    def update(self, serials: Iterable[str]) -> None:
+        self._serials = frozenset(serials)
+        self.fetched_at = time.time()
+
+    def refresh(self) -> bool:
+        if self.fetch is None:
+            return False
+        try:
+            self.update(self.fetch())
+            self.last_error = None
+            return True
+        except Exception as exc:  # noqa: BLE001 - the controller may be down; the last list stays in force
+            self.last_error = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+            return False
+
+    def start(self) -> RevocationList:
+        if self.fetch is not None and self._thread is None:
+            self.refresh()
+            self._thread = threading.Thread(target=self._run, name="revocations", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ServiceAuth:
+    """Authenticates the signed requests of one service: the CA's public key, revocations, and the nonces seen.
+
+    Refusals are counted per reason (`refused`)."""
+
+    def __init__(self, verifier: identity.Verifier, *, max_skew_s: float = identity.MAX_SKEW_S) -> None:
+        self.verifier = verifier
+        self.nonces = identity.NonceCache(window_s=2 * max_skew_s)
+        self.max_skew_s = max_skew_s
+        self.refused: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, streamed: bool) -> identity.Certificate:
+        """The certificate of the current request's signer; Unauthorized (401) when it is not genuinely signed."""
+        env = request.environ
+        # The path as sent (still percent-encoded) and the query: servers differ on whether REQUEST_URI holds it.
+        path = (env.get("RAW_URI") or env.get("REQUEST_URI") or request.path).partition("?")[0]
+        query = env.get("QUERY_STRING", "")
+        target = path + (f"?{query}" if query else "")
+        body: Callable[[], bytes] | None = None if streamed else (lambda: request.get_data(cache=True))
+        try:
+            return identity.check_request(
+                self.verifier, self.nonces, cert_token=request.headers.get(identity.CERT_HEADER),
+                signature=request.headers.get(identity.SIGNATURE_HEADER), method=request.method, target=target,
+                host=request.headers.get("Host", ""), body=body, now=time.time(), max_skew_s=self.max_skew_s)
+        except identity.Refused as exc:
+            with self._lock:
+                self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            raise Unauthorized(f"request refused ({exc.reason}): {exc}", code="unauthenticated",
+                               details={"reason": exc.reason}) from exc
+
+
 def create_service_app(
-    name: str, service_token: str, apis: Iterable[Api], *, import_name: str = __name__
+    name: str, auth: ServiceAuth, apis: Iterable[Api], *, import_name: str = __name__
 ) -> Flask:
-    """A Flask app with /health, /openapi.json, service-token auth on every other route and JSON errors."""
+    """A Flask app with public /health and /openapi.json, every other route signed by an allowed role, JSON errors."""
     apis = list(apis)
     app = Flask(import_name)
     app.config["SERVICE_NAME"] = name
+    app.extensions["miaas_auth"] = auth
     install_errors(app)
     meta = Api("meta")
 
@@ -222,20 +330,33 @@ def create_service_app(
         """Liveness of the service."""
         return jsonify({"status": "ok", "service": name, "version": __version__})
 
-    @meta.route("/openapi.json")
+    @meta.route("/openapi.json", public=True)
     def openapi() -> Response:
         """The OpenAPI document of this service."""
         return jsonify(openapi_document(f"MIaaS {name}", [meta, *apis]))
 
-    public = set().union(*(api.public_endpoints for api in [meta, *apis]))
+    access: dict[str, Access] = {}
+    for api in [meta, *apis]:
+        access.update(api.access)
 
     @app.before_request
     def _authenticate() -> None:
-        if request.endpoint in public or request.endpoint is None:
-            return
-        if not token_matches(bearer_token(), service_token):
-            raise Unauthorized("a valid service token is required (Authorization: Bearer <token>)")
-        g.caller = request.headers.get("X-MIaaS-User", "service")
+        rule = access.get(request.endpoint or "")
+        if rule is None or rule.public:
+            return  # an unknown route answers 404 by itself
+        cert = auth.authenticate(rule.streamed)
+        if cert.role not in rule.allow:
+            raise Forbidden(f"{cert.role} {cert.subject} may not call {request.method} {request.path} "
+                            f"(allowed: {', '.join(sorted(rule.allow))})", code="forbidden_role")
+        user = request.headers.get(USER_HEADER)
+        if user is not None:
+            if cert.role != identity.FRONTEND:
+                raise Forbidden(f"only the portal may act for a person ({USER_HEADER}); {cert.subject} may not",
+                                code="forbidden_user_header")
+            if not user.strip() or len(user) > MAX_USER_LENGTH:
+                raise BadRequest(f"{USER_HEADER} must be 1 to {MAX_USER_LENGTH} characters", code="invalid_user")
+        g.identity = cert
+        g.caller = user if user is not None else cert.subject
 
     for api in [meta, *apis]:
         app.register_blueprint(api.blueprint)
