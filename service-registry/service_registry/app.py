@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from flask import Flask
 
+from miaas.trust import trust_from_settings
 from miaas.web import create_service_app
 from service_registry.api import build_api
 from service_registry.registry import Registry
@@ -19,7 +20,12 @@ def utcnow() -> datetime:
 
 def create_app(settings: ServiceRegistrySettings, clock: Callable[[], datetime] = utcnow) -> Flask:
     registry = Registry(ttl=timedelta(seconds=settings.ttl_s))
-    token = settings.service_token.get_secret_value()
-    app = create_service_app("service-registry", token, [build_api(registry, clock)])
+
+    def controller_url() -> str:  # the revocation list comes from the controller, found in our own book
+        return registry.lookup("controller", clock()).url
+
+    trust = trust_from_settings(settings, controller_url=controller_url)
+    app = create_service_app("service-registry", trust.auth, [build_api(registry, clock)])
     app.extensions["registry"] = registry
+    app.extensions["miaas_trust"] = trust
     return app

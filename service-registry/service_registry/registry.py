@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from miaas.errors import Conflict, NotFound
+from miaas.errors import Conflict, Forbidden, NotFound
 from miaas.schemas import RegisterRequest, ServiceInstance
 
 
@@ -21,6 +21,8 @@ class Instance:
     metadata: dict[str, Any]
     registered_at: datetime
     last_heartbeat: datetime
+    owner: str = ""
+    """The identity (certificate subject) that registered it: only it may renew, change or remove it."""
 
     def expires_at(self, ttl: timedelta) -> datetime:
         return self.last_heartbeat + ttl
@@ -46,12 +48,14 @@ class Registry:
     _turns: dict[str, itertools.count[int]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def register(self, req: RegisterRequest, now: datetime) -> Instance:
-        """Add an instance, or renew one that presents its own id again; an id is never handed to another name."""
+    def register(self, req: RegisterRequest, now: datetime, owner: str = "") -> Instance:
+        """Add an instance, or renew one that presents its own id again; an id is never handed to another name
+        nor to another owner."""
         with self._lock:
             self._expire(now)
             if req.instance_id and req.instance_id in self._instances:
                 known = self._instances[req.instance_id]
+                _check_owner(known, owner)
                 if known.name != req.name:
                     raise Conflict(
                         f"instance id '{req.instance_id}' belongs to service '{known.name}', not '{req.name}'"
@@ -65,24 +69,29 @@ class Registry:
                     metadata=dict(req.metadata),
                     registered_at=now,
                     last_heartbeat=now,
+                    owner=owner,
                 )
             self._instances[inst.instance_id] = inst
             return inst
 
-    def heartbeat(self, instance_id: str, now: datetime) -> Instance:
+    def heartbeat(self, instance_id: str, now: datetime, owner: str = "") -> Instance:
         with self._lock:
             self._expire(now)
             inst = self._instances.get(instance_id)
             if inst is None:
                 raise NotFound(f"instance '{instance_id}' is not registered (expired?); register again")
+            _check_owner(inst, owner)
             inst = replace(inst, last_heartbeat=now)
             self._instances[instance_id] = inst
             return inst
 
-    def deregister(self, instance_id: str) -> None:
+    def deregister(self, instance_id: str, owner: str = "") -> None:
         with self._lock:
-            if self._instances.pop(instance_id, None) is None:
+            inst = self._instances.get(instance_id)
+            if inst is None:
                 raise NotFound(f"instance '{instance_id}' is not registered")
+            _check_owner(inst, owner)
+            del self._instances[instance_id]
 
     def lookup(self, name: str, now: datetime) -> Instance:
         """A live instance of `name`, taking turns among several."""
@@ -106,3 +115,9 @@ class Registry:
         dead = [k for k, i in self._instances.items() if i.expires_at(self.ttl) <= now]
         for k in dead:
             del self._instances[k]
+
+
+def _check_owner(inst: Instance, owner: str) -> None:
+    if inst.owner != owner:
+        raise Forbidden(f"instance '{inst.instance_id}' of '{inst.name}' belongs to another identity",
+                        code="not_owner")

@@ -1,4 +1,4 @@
-"""The service registry: registration, heartbeats, expiry, several instances, identity, auth."""
+"""The service registry: registration, heartbeats, expiry, several instances, identity, ownership, auth."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
+from miaas import identity
+from miaas.client import ServiceClient
 from miaas.discovery import Discovery, Registration
-from miaas.errors import Unavailable
+from miaas.errors import RemoteError, Unavailable, UpstreamError
+from miaas.testing import Pki
 from service_registry.app import create_app
 from service_registry.settings import ServiceRegistrySettings
 
@@ -30,11 +33,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def client(service_token: str, clock: Clock):  # type: ignore[no-untyped-def]
-    app = create_app(ServiceRegistrySettings(service_token=service_token, ttl_s=15), clock)
-    c = app.test_client()
-    c.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
-    return c
+def app(pki: Pki, clock: Clock):  # type: ignore[no-untyped-def]
+    return create_app(ServiceRegistrySettings(**pki.settings("service-registry"), ttl_s=15), clock)
+
+
+@pytest.fixture
+def client(pki: Pki, app):  # type: ignore[no-untyped-def]
+    return pki.client(app, "admin")  # an operator may register any name
 
 
 def register(client, name: str = "agent", url: str = "http://h:1", **kw):  # type: ignore[no-untyped-def]
@@ -102,15 +107,74 @@ def test_bad_registration_is_a_400_naming_the_field(client, body, field) -> None
     assert field in resp.json["error"]["message"]
 
 
-def test_every_route_but_health_needs_the_service_token(service_token: str, clock: Clock) -> None:
-    app = create_app(ServiceRegistrySettings(service_token=service_token), clock)
-    anonymous = app.test_client()
+def test_every_route_but_health_and_openapi_needs_a_signed_request(pki: Pki, app) -> None:  # type: ignore[no-untyped-def]
+    anonymous = pki.client(app, None)
     assert anonymous.get("/health").status_code == 200
+    assert anonymous.get("/openapi.json").status_code == 200
+    other_ca = Pki(pki.root / "other")
     for method, path in [("get", "/services"), ("get", "/getServiceInfo?name=x"), ("post", "/register"),
-                         ("get", "/openapi.json")]:
-        resp = getattr(anonymous, method)(path, headers={"Authorization": "Bearer wrong-token"})
+                         ("post", "/heartbeat"), ("delete", "/register/x")]:
+        resp = getattr(anonymous, method)(path, headers={"Authorization": "Bearer anything"})
         assert resp.status_code == 401, path
-        assert resp.json["error"]["code"] == "unauthorized"
+        assert resp.json["error"]["details"]["reason"] == "unsigned"
+        foreign = getattr(other_ca.client(app, "admin"), method)(path)
+        assert foreign.status_code == 401, path
+        assert foreign.json["error"]["details"]["reason"] == "bad_certificate"
+
+
+def test_a_service_registers_only_under_its_own_name_and_an_agent_only_at_its_url(pki: Pki, app) -> None:  # type: ignore[no-untyped-def]
+    registry = pki.client(app, "model-registry")
+    assert register(registry, name="model-registry", url="http://mr:1").status_code == 201
+    posing = register(registry, name="controller", url="http://evil:1")
+    assert posing.status_code == 403
+    assert posing.json["error"]["code"] == "forbidden_name"
+    agent = pki.client(app, "agent", "agent-1", url="http://agent-1:9000")
+    assert register(agent, name="agent", url="http://agent-1:9000").status_code == 201
+    elsewhere = register(agent, name="agent", url="http://evil:9000")
+    assert elsewhere.status_code == 403
+    assert elsewhere.json["error"]["code"] == "forbidden_url"
+    assert [i["url"] for i in registry.get("/services").json["services"]["agent"]] == ["http://agent-1:9000"]
+
+
+def test_only_the_owner_renews_changes_or_removes_an_instance(pki: Pki, app) -> None:  # type: ignore[no-untyped-def]
+    owner = pki.client(app, "controller")
+    other = pki.client(app, "controller", "controller-b")  # same role, another identity
+    mine = register(owner, name="controller", url="http://c:1", instance_id="c-1").json["instance_id"]
+    taken = register(other, name="controller", url="http://evil:1", instance_id=mine)
+    assert taken.status_code == 403
+    assert taken.json["error"]["code"] == "not_owner"
+    assert other.post("/heartbeat", json={"instance_id": mine}).status_code == 403
+    assert other.delete(f"/register/{mine}").status_code == 403
+    assert owner.get("/getServiceInfo?name=controller").json["url"] == "http://c:1"
+    assert owner.post("/heartbeat", json={"instance_id": mine}).status_code == 200
+    assert owner.delete(f"/register/{mine}").status_code == 204
+
+
+def test_a_person_header_from_a_service_and_a_revoked_or_replayed_request_are_refused(pki: Pki, app) -> None:  # type: ignore[no-untyped-def]
+    as_alice = pki.client(app, "controller", user="alice")
+    resp = as_alice.get("/services")
+    assert resp.status_code == 403
+    assert resp.json["error"]["code"] == "forbidden_user_header"
+    assert pki.client(app, "frontend", user="alice").get("/services").status_code == 200
+
+    cred = pki.credential("model-registry")
+    c = pki.client(app, credential=cred)
+    assert c.get("/services").status_code == 200
+    app.extensions["miaas_trust"].revocations.update([cred.cert.serial])
+    revoked = c.get("/services")
+    assert revoked.status_code == 401
+    assert revoked.json["error"]["details"]["reason"] == "revoked"
+
+    headers = identity.sign_request(pki.credential("frontend"), "GET", "/services", "localhost",
+                                    identity.body_digest(b""), __import__("time").time())
+    plain = pki.client(app, None)
+    assert plain.get("/services", headers=headers).status_code == 200
+    again = plain.get("/services", headers=headers)
+    assert again.status_code == 401
+    assert again.json["error"]["details"]["reason"] == "replayed"
+    other_path = plain.get("/getServiceInfo?name=x", headers=headers)
+    assert other_path.status_code == 401
+    assert other_path.json["error"]["details"]["reason"] == "bad_signature"
 
 
 def test_openapi_documents_the_routes_from_their_schemas(client) -> None:  # type: ignore[no-untyped-def]
@@ -122,15 +186,27 @@ def test_openapi_documents_the_routes_from_their_schemas(client) -> None:  # typ
     assert doc["paths"]["/getServiceInfo"]["get"]["parameters"][0]["name"] == "name"
 
 
-def test_registration_and_discovery_over_real_http(service_token: str, serve) -> None:  # type: ignore[no-untyped-def]
-    server = serve(create_app(ServiceRegistrySettings(service_token=service_token, ttl_s=30)))
-    reg = Registration(server.url, service_token, name="model-registry", url="http://mr:9", interval_s=0.05)
+def test_registration_and_discovery_over_real_http(pki: Pki, serve) -> None:  # type: ignore[no-untyped-def]
+    server = serve(create_app(ServiceRegistrySettings(**pki.settings("service-registry"), ttl_s=30)))
+    reg = Registration(server.url, pki.credential("model-registry"), name="model-registry", url="http://mr:9",
+                       interval_s=0.05)
     reg.start()
     try:
-        assert Discovery(server.url, service_token).lookup("model-registry") == "http://mr:9"
+        assert Discovery(server.url, pki.credential("frontend")).lookup("model-registry") == "http://mr:9"
     finally:
         reg.stop()
     with pytest.raises(Unavailable, match="model-registry"):
-        Discovery(server.url, service_token).lookup("model-registry")
+        Discovery(server.url, pki.credential("frontend")).lookup("model-registry")
     resp = requests.get(f"{server.url}/services", timeout=5)
     assert resp.status_code == 401
+    assert resp.json()["error"]["details"]["reason"] == "unsigned"
+    # Signed over real HTTP, with a query string and a JSON body: what the signer signs is what arrives.
+    client = ServiceClient(server.url, pki.credential("controller"))
+    assert client.post("/register", json={"name": "controller", "url": "http://c:1"})["name"] == "controller"
+    assert client.get("/getServiceInfo", params={"name": "controller"})["url"] == "http://c:1"
+    with pytest.raises(RemoteError) as gone:  # a percent-encoded path is signed as sent: past auth, a plain 404
+        client.delete("/register/no such id")
+    assert gone.value.status == 404
+    stranger = ServiceClient(server.url, Pki(pki.root / "stranger").credential("controller"))
+    with pytest.raises(UpstreamError, match="401"):
+        stranger.get("/services")
