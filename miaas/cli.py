@@ -44,7 +44,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"  model registry:    {cluster.url('model-registry')}",
                 f"  controller:        {cluster.url('controller')}",
                 f"  agents:            {', '.join(cluster.url(f'agent-{i + 1}') for i in range(args.agents))}",
-                f"  service token and secrets: {Path(args.state_dir).resolve() / 'secrets.env'}",
+                f"  portal secrets:    {Path(args.state_dir).resolve() / 'secrets.env'}",
+                f"  identities:        {Path(args.state_dir).resolve() / 'pki'} (CA, services, admin.json)",
                 f"  logs: {Path(args.state_dir).resolve() / 'logs'}",
                 "Press Ctrl-C to stop everything.",
             ]

@@ -2,6 +2,10 @@
 agents and portal. Used by `miaas up` and by the end-to-end tests.
 
 Services are started by module name (`python -m controller`): this module never imports a service.
+
+Identities (see miaas.identity): the first start makes the cluster CA and one credential per service and an admin
+credential in `<state>/pki/`; every start makes a fresh join token the agents join with. An agent keeps the
+credential it got when it joined in its state folder, so a restart needs no token.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 import psutil
 import requests
 
+from miaas import identity
 from miaas.bus import ensure_topics
+from miaas.client import Signer
 
 DEFAULT_PORTS = {"broker": 9092, "service-registry": 8500, "model-registry": 8510, "controller": 8520, "frontend": 8080}
 AGENT_BASE_PORT = 8530
@@ -64,7 +70,6 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
             if sep:
                 stored[key.strip()] = value.strip()
     wanted = {
-        "MIAAS_SERVICE_TOKEN": lambda: secrets.token_hex(32),
         "FRONTEND_SECRET_KEY": lambda: secrets.token_hex(32),
         "FRONTEND_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(12),
     }
@@ -76,6 +81,58 @@ def load_or_create_secrets(path: Path) -> dict[str, str]:
     with os.fdopen(fd, "w") as f:
         f.write("".join(f"{k}={v}\n" for k, v in out.items()))
     return out
+
+
+SERVICES = {"service-registry": "SERVICE_REGISTRY", "model-registry": "MODEL_REGISTRY", "controller": "CONTROLLER",
+            "frontend": "FRONTEND"}
+
+
+@dataclass
+class Pki:
+    """The identities of one cluster in one folder: the CA, a credential per service, an admin credential."""
+
+    root: Path
+    ca_file: Path
+    ca_key_file: Path
+    credentials: dict[str, Path]
+
+    @classmethod
+    def ensure(cls, root: Path) -> Pki:
+        """Load the cluster's identities from `root`, creating whatever is missing (a CA once, then credentials)."""
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+        ca_key, ca_pub = root / "ca-key.json", root / "ca.json"
+        if ca_key.is_file():
+            ca = identity.CertificateAuthority.load(ca_key)
+            if not ca_pub.is_file():
+                ca.save(ca_key, ca_pub)
+        else:
+            ca = identity.CertificateAuthority.generate()
+            ca.save(ca_key, ca_pub)
+        creds: dict[str, Path] = {}
+        now = time.time()
+        for subject in (*SERVICES, identity.ADMIN):
+            path = root / f"{subject}.json"
+            creds[subject] = path
+            try:
+                current = identity.Credential.load(path)
+                verifier = identity.Verifier(ca.public_key)
+                verifier.certificate(current.token, now + 30 * 24 * 3600)  # valid a month from now, of this CA
+                continue
+            except (ValueError, identity.Refused):
+                pass
+            ca.credential(subject, subject, now=now).save(path)
+        return cls(root, ca_pub, ca_key, creds)
+
+    def ca(self) -> identity.CertificateAuthority:
+        return identity.CertificateAuthority.load(self.ca_key_file)
+
+    def admin(self) -> identity.Credential:
+        return identity.Credential.load(self.credentials[identity.ADMIN])
+
+    def join_token(self, uses: int, ttl_s: float = 3600.0) -> str:
+        """A join token, made offline with the CA key (the controller counts its uses as agents join)."""
+        return self.ca().join_token(now=time.time(), ttl_s=ttl_s, uses=max(1, uses)).token
 
 
 @dataclass
@@ -90,10 +147,20 @@ class LocalCluster:
     bootstrap: str | None = None  # an existing broker to use instead of starting the embedded one
     processes: list[Proc] = field(default_factory=list)
     secrets: dict[str, str] = field(default_factory=dict)
+    pki: Pki | None = None
 
     @property
-    def token(self) -> str:
-        return self.secrets["MIAAS_SERVICE_TOKEN"]
+    def admin(self) -> identity.Credential:
+        """The operator's credential: what the tests and the CLI call the services with."""
+        assert self.pki is not None, "start the cluster first"
+        return self.pki.admin()
+
+    def session(self, credential: identity.Credential | None = None) -> requests.Session:
+        """A requests session whose every request is signed as `credential` (default: the admin)."""
+        s = requests.Session()
+        s.auth = Signer(identity.fixed(credential or self.admin))
+        s.trust_env = False
+        return s
 
     @property
     def admin_password(self) -> str:
@@ -109,6 +176,7 @@ class LocalCluster:
         self.state_dir = self.state_dir.resolve()
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.secrets = load_or_create_secrets(self.state_dir / "secrets.env")
+        self.pki = Pki.ensure(self.state_dir / "pki")
         try:
             self._start_all(timeout)
         except BaseException:
@@ -121,9 +189,12 @@ class LocalCluster:
         ports = {name: pick_port(host, self.ports.get(name, 0)) for name in DEFAULT_PORTS}
         bootstrap = self.bootstrap or f"{host}:{ports['broker']}"
         registry_url = f"http://{host}:{ports['service-registry']}"
+        assert self.pki is not None
         base = {
             **os.environ,
             **self.secrets,
+            "MIAAS_CA_FILE": str(self.pki.ca_file),
+            **{f"{prefix}_CREDENTIAL_FILE": str(self.pki.credentials[name]) for name, prefix in SERVICES.items()},
             "MIAAS_KAFKA_BOOTSTRAP": bootstrap,
             "MIAAS_SERVICE_REGISTRY_URL": registry_url,
             "MIAAS_HEARTBEAT_INTERVAL_S": "2",
@@ -139,18 +210,38 @@ class LocalCluster:
         self._service("model-registry", "model_registry", "MODEL_REGISTRY", ports, base, timeout,
                       MODEL_REGISTRY_DATABASE_URL=f"sqlite:///{state / 'model-registry.db'}")
         self._service("controller", "controller", "CONTROLLER", ports, base, timeout,
-                      CONTROLLER_DATABASE_URL=f"sqlite:///{state / 'controller.db'}")
+                      CONTROLLER_DATABASE_URL=f"sqlite:///{state / 'controller.db'}",
+                      CONTROLLER_CA_KEY_FILE=str(self.pki.ca_key_file))
+        controller_url = f"http://{host}:{ports['controller']}"
+        join_token = self.pki.join_token(uses=len(self.agents))
         for i, extra in enumerate(self.agents, start=1):
             agent_id = f"agent-{i}"
             port = pick_port(host, AGENT_BASE_PORT + i if self.ports.get("controller") else 0)
             ports[agent_id] = port
+            self._forget_moved_agent(state / agent_id / "credential.json", f"http://{host}:{port}", controller_url)
             self._service(agent_id, "agent", "AGENT", ports, base, timeout, **{
                 "AGENT_AGENT_ID": agent_id, "AGENT_STATE_DIR": str(state / agent_id),
+                "AGENT_JOIN_TOKEN": join_token, "AGENT_CONTROLLER_URL": controller_url,
                 "AGENT_VENV_CACHE_DIR": str(state / "venvs"),
                 "AGENT_PORT_RANGE": f"{20000 + 1000 * i}-{20999 + 1000 * i}",
                 "AGENT_METRICS_INTERVAL_S": "2", **extra})
         self._service("frontend", "frontend", "FRONTEND", ports, base, timeout,
                       FRONTEND_DATABASE_URL=f"sqlite:///{state / 'frontend.db'}")
+
+    def _forget_moved_agent(self, credential_file: Path, url: str, controller_url: str) -> None:
+        """An agent whose port changed since it joined holds a certificate for its old URL: revoke it (as the
+        admin) and let the agent join again with this start's token."""
+        try:
+            cert = identity.Credential.load(credential_file).cert
+        except ValueError:
+            return
+        if cert.url == url:
+            return
+        resp = self.session().post(f"{controller_url}/controller/identities/revoke", timeout=10,
+                                   json={"serial": cert.serial, "reason": f"local cluster: moved to {url}"})
+        if resp.status_code >= 400:
+            raise RuntimeError(f"could not revoke the old certificate of {cert.subject}: {resp.text[:300]}")
+        credential_file.unlink()
 
     def _service(self, name: str, module: str, prefix: str, ports: dict[str, int], base: dict[str, str],
                  timeout: float, **env: str) -> None:
