@@ -12,6 +12,7 @@ from pydantic import Field
 from agent.logtail import LogFollower
 from agent.manager import AgentDeploymentDetail, AgentDeploymentList, DeploymentManager
 from miaas.errors import NotFound, Unavailable
+from miaas.identity import ADMIN, CONTROLLER, FRONTEND
 from miaas.schemas import CreateVmRequest, Request, StopVmRequest
 from miaas.web import Api
 
@@ -67,15 +68,18 @@ class _Follows:
 
 
 def build_api(manager: DeploymentManager, limits: FollowLimits | None = None) -> Api:
-    api = Api("agent")
+    # Only the controller commands an agent; the portal and operators may look (DESIGN.md §7).
+    api = Api("agent", allow=(CONTROLLER, FRONTEND, ADMIN))
+    commands = (CONTROLLER,)
     follows = _Follows()
 
-    @api.route("/create-vm", "POST", body=CreateVmRequest, response=AgentDeploymentDetail, status=202)
+    @api.route("/create-vm", "POST", body=CreateVmRequest, response=AgentDeploymentDetail, status=202,
+               allow=commands)
     def create_vm(body: CreateVmRequest) -> AgentDeploymentDetail:
         """Provision a deployment in the background; answers at once with its URL (idempotent by id)."""
         return manager.create(body)
 
-    @api.route("/stop-vm", "POST", body=StopVmRequest, response=AgentDeploymentDetail)
+    @api.route("/stop-vm", "POST", body=StopVmRequest, response=AgentDeploymentDetail, allow=commands)
     def stop_vm(body: StopVmRequest) -> AgentDeploymentDetail:
         """Stop a deployment and free its ports; stopping a stopped one (or, with `generation`, a newer copy) is
         harmless."""

@@ -1,22 +1,35 @@
-"""App factory of the agent: the deployment manager behind its routes, and the metrics it publishes."""
+"""App factory of the agent: the deployment manager behind its routes, the metrics it publishes, and its identity.
+
+The agent's credential is obtained once its URL is known (`AgentParts.start_metrics`, run_service's on_start):
+loaded from its file, or joined with AGENT_JOIN_TOKEN (agent/credential.py). Everything signs through one
+`CredentialHolder`, renewed in the background.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from flask import Flask
 
 from agent.api import build_api
+from agent.credential import CredentialHolder, Renewer, obtain
 from agent.fetch import FetchModel, RegistryFetcher
 from agent.manager import DeploymentManager
 from agent.metrics import GpuProbe, MetricsCollector, MetricsPublisher
 from agent.ports import PortAllocator
-from agent.runtimes import Recoverable, Runtime, build_runtimes
+from agent.runtimes import Recoverable, RecoveredDeployment, Runtime, build_runtimes
 from agent.settings import AgentSettings
 from miaas.bus import EventBus
+from miaas.discovery import Discovery
+from miaas.identity import CredentialSource
+from miaas.trust import trust_from_settings
 from miaas.web import create_service_app
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -31,16 +44,45 @@ class AgentParts:
     bus: EventBus
     manager: DeploymentManager
     collector: MetricsCollector
+    credential: CredentialHolder
+    controller_url: Callable[[], str] | None = None
+    recovered: list[tuple[str, list[RecoveredDeployment]]] = field(default_factory=list)
     publisher: MetricsPublisher | None = None
+    renewer: Renewer | None = None
 
     def start_metrics(self, url: str) -> None:
-        """Start publishing metrics with the agent's public URL (known once the server is bound)."""
-        self.publisher = MetricsPublisher(self.bus, self.collector, url, self.manager.reports).start()
+        """Obtain the agent's credential for serving at `url` (its public URL, known once the server is bound)
+        unless it was given, then report what it recovered and start publishing metrics.
+
+        Raises agent.credential.NoCredential, saying what to do, when it has none and cannot join."""
+        if not self.credential.ready:
+            self.credential.set(obtain(self.settings, url, controller_url=self.settings.controller_url,
+                                       now=time.time()))
+            if self.controller_url is None:
+                log.warning("no controller known (AGENT_CONTROLLER_URL, MIAAS_SERVICE_REGISTRY_URL): the agent's "
+                            "certificate will not be renewed and expires")
+            else:
+                self.renewer = Renewer(self.credential, path=self.settings.credential_path,
+                                       controller_url=self.controller_url,
+                                       interval_s=self.settings.renewal_check_s).start()
+        self.adopt_recovered()
+        bound = self.credential().cert.url or url  # the controller believes metrics only from the bound URL
+        if bound != url:
+            log.warning("the agent's certificate is bound to %s, not to %s where it serves", bound, url)
+        self.publisher = MetricsPublisher(self.bus, self.collector, bound, self.manager.reports).start()
+
+    def adopt_recovered(self) -> None:
+        """Hold again (and report, signed) what the runtimes found at start."""
+        found, self.recovered = self.recovered, []
+        for name, deployments in found:
+            self.manager.adopt(name, deployments)
 
     def shutdown(self) -> None:
-        """Stop the metrics, then (if configured) every deployment, and flush the bus."""
+        """Stop the metrics and renewal, then (if configured) every deployment, and flush the bus."""
         if self.publisher is not None:
             self.publisher.stop()
+        if self.renewer is not None:
+            self.renewer.stop()
         self.manager.shutdown(stop_deployments=self.settings.stop_deployments_on_exit)
         self.collector.gpus.close()
 
@@ -49,17 +91,23 @@ def create_app(
     settings: AgentSettings,
     bus: EventBus,
     *,
+    credential: CredentialSource | None = None,
     fetch_model: FetchModel | None = None,
     runtimes: Mapping[str, Runtime] | None = None,
     gpus: GpuProbe | None = None,
     clock: Callable[[], datetime] = utcnow,
 ) -> Flask:
-    token = settings.service_token.get_secret_value()
+    """The agent's app. `credential`: the agent's credential, used as is (tests); without it (or with an empty
+    CredentialHolder, which the process shares with its bus's MessageSigner) the agent obtains its own in
+    `start_metrics` and renews it."""
+    holder = credential if isinstance(credential, CredentialHolder) else CredentialHolder(credential)
+    locate_controller = controller_locator(settings, holder)
+    trust = trust_from_settings(settings, credential=holder, controller_url=locate_controller)
     lo, hi = settings.port_bounds
     manager = DeploymentManager(
         agent_id=settings.agent_id,
         runtimes=runtimes if runtimes is not None else build_runtimes(settings),
-        fetch_model=fetch_model or RegistryFetcher(settings.service_registry_url, token),
+        fetch_model=fetch_model or RegistryFetcher(settings.service_registry_url, holder),
         bus=bus,
         ports=PortAllocator(lo, hi),
         state_dir=settings.state_dir.absolute(),
@@ -67,9 +115,9 @@ def create_app(
         clock=clock,
         stop_timeout_s=settings.stop_grace_s + 30,
     )
-    for name, runtime in manager.runtimes.items():
-        if isinstance(runtime, Recoverable):  # VMs outlive an agent restart: find them again, never launch twice
-            manager.adopt(name, runtime.recover())
+    # VMs outlive an agent restart: find them again, never launch twice; they are reported once the agent can sign.
+    recovered = [(name, runtime.recover()) for name, runtime in manager.runtimes.items()
+                 if isinstance(runtime, Recoverable)]
     collector = MetricsCollector(
         agent_id=settings.agent_id,
         runtimes=list(manager.runtimes),
@@ -81,9 +129,24 @@ def create_app(
         gpus=gpus,
         clock=clock,
     )
-    app = create_service_app("agent", token, [build_api(manager)], import_name=__name__)
-    app.extensions["agent"] = AgentParts(settings, bus, manager, collector)
+    agent = AgentParts(settings, bus, manager, collector, holder, locate_controller, recovered)
+    if holder.ready:
+        agent.adopt_recovered()
+    app = create_service_app("agent", trust.auth, [build_api(manager)], import_name=__name__)
+    app.extensions["agent"] = agent
+    app.extensions["miaas_trust"] = trust
     return app
+
+
+def controller_locator(settings: AgentSettings, credential: CredentialSource) -> Callable[[], str] | None:
+    """Where the controller is: AGENT_CONTROLLER_URL, else asked of the service registry (None: neither)."""
+    if settings.controller_url:
+        url = settings.controller_url
+        return lambda: url
+    if settings.service_registry_url:
+        discovery = Discovery(settings.service_registry_url, credential)
+        return lambda: discovery.lookup("controller")
+    return None
 
 
 def parts(app: Flask) -> AgentParts:

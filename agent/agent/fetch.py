@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from miaas.client import ServiceClient
 from miaas.discovery import Discovery
 from miaas.errors import Unavailable, UpstreamError
+from miaas.identity import CredentialSource
 from miaas.schemas import PackageMeta, Wire
 
 
@@ -38,11 +39,12 @@ FetchModel = Callable[[str, int], ModelSource]
 
 
 class RegistryFetcher:
-    """Fetches versions from the model registry; no network until the first call."""
+    """Fetches versions from the model registry, signed as the agent; no network until the first call."""
 
-    def __init__(self, service_registry_url: str | None, token: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, service_registry_url: str | None, credential: CredentialSource, *,
+                 timeout: float = 10.0) -> None:
         self.service_registry_url = service_registry_url
-        self.token = token
+        self.credential = credential
         self.timeout = timeout
         self._discovery: Discovery | None = None
         self._lock = threading.Lock()
@@ -52,9 +54,9 @@ class RegistryFetcher:
             raise Unavailable("no service registry configured (MIAAS_SERVICE_REGISTRY_URL): cannot find models")
         with self._lock:
             if self._discovery is None:
-                self._discovery = Discovery(self.service_registry_url, self.token)
+                self._discovery = Discovery(self.service_registry_url, self.credential)
         url = self._discovery.lookup("model-registry")
-        client = ServiceClient(url, self.token, timeout=self.timeout)
+        client = ServiceClient(url, self.credential, timeout=self.timeout)
         try:
             answer = client.get("/registry/fetch-model", params={"model_id": model_id, "version": version})
         finally:

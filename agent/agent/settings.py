@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent.firewall import Endpoint, parse_endpoint
@@ -48,10 +48,38 @@ def parse_port_range(value: str) -> tuple[int, int]:
     return lo, hi
 
 
+def check_http_url(value: str, name: str) -> str:
+    """An http(s) URL with a host, without a trailing slash; a clear error naming the setting otherwise."""
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an http(s) URL such as http://controller:8520, not {value!r}: {exc}") \
+            from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name} must be an http(s) URL such as http://controller:8520, not {value!r}")
+    return value.strip().rstrip("/")
+
+
 class AgentSettings(ServiceSettings):
+    """The agent's settings. Its identity (agent/README.md, "Identity"): `credential_file` holds its key and
+    certificate once it has joined; `join_token` is exchanged for one at the controller (`controller_url`) when
+    there is none yet."""
+
     model_config = SettingsConfigDict(env_prefix="AGENT_")
 
     port: int = Field(8600, ge=0, le=65535)
+    credential_file: Path | None = Field(  # type: ignore[assignment]
+        None, description="the agent's key and certificate (mode 0600), written when it joins; default "
+                          "<state_dir>/credential.json")
+    join_token: SecretStr | None = Field(
+        None, description="a join token (POST /controller/join-tokens): exchanged for the agent's own credential "
+                          "when it has none yet; not needed afterwards")
+    controller_url: str | None = Field(
+        None, description="where the agent joins, renews its certificate and fetches revocations (default: "
+                          "found through the service registry, which cannot be asked before the agent has joined)")
+    renewal_check_s: float = Field(
+        60.0, gt=0, le=86_400, description="seconds between two checks of whether the certificate is due for renewal")
     agent_id: str = Field(
         default_factory=default_agent_id,
         min_length=1,
@@ -153,6 +181,38 @@ class AgentSettings(ServiceSettings):
     vagrant_insert_key: bool = Field(
         False, description="Vagrant replaces the box's SSH key in each VM (the box's key is made at its build)"
     )
+
+    @field_validator("credential_file")
+    @classmethod
+    def _credential_is_readable(cls, value: Path | None) -> Path | None:
+        """A credential file that exists must be one; a missing one is made when the agent joins."""
+        from miaas.identity import Credential
+
+        if value is not None and value.exists():
+            Credential.load(value)
+        return value
+
+    @field_validator("join_token")
+    @classmethod
+    def _looks_like_a_join_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip()
+        head, sep, secret = raw.partition("~")
+        if not sep or not secret or "." not in head or len(raw) < 20:
+            raise ValueError("AGENT_JOIN_TOKEN is not a join token (<certificate>~<secret>, as answered by "
+                             "POST /controller/join-tokens)")
+        return SecretStr(raw)
+
+    @field_validator("controller_url")
+    @classmethod
+    def _valid_controller_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value, "AGENT_CONTROLLER_URL")
+
+    @property
+    def credential_path(self) -> Path:
+        """Where the agent's credential is (or is written when it joins)."""
+        return (self.credential_file or self.state_dir / "credential.json").absolute()
 
     @field_validator("vagrant_network")
     @classmethod

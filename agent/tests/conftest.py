@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import requests
 from flask import Flask
 
 from agent.app import create_app, parts
@@ -18,8 +19,11 @@ from agent.fetch import ModelSource
 from agent.runtimes.venvs import VenvCache
 from agent.settings import AgentSettings
 from miaas.bus import EventBus, MemoryBus
+from miaas.client import Signer
 from miaas.errors import NotFound
+from miaas.identity import AGENT, CONTROLLER, CredentialSource, fixed
 from miaas.schemas import PackageMeta
+from miaas.testing import Pki, SigningClient
 from miaas.testing import wait_for as poll
 
 T = TypeVar("T")
@@ -46,7 +50,7 @@ class Handler(BaseHTTPRequestHandler):
             "prefix": sys.prefix,
             "deployment": os.environ.get("MIAAS_DEPLOYMENT_ID"),
             "named_port": os.environ.get("MIAAS_PORT_BACKEND"),
-            "leaked_token": os.environ.get("MIAAS_SERVICE_TOKEN"),
+            "leaked_token": os.environ.get("AGENT_JOIN_TOKEN"),
         }).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -175,9 +179,9 @@ def eventually() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def settings(service_token: str, workdir: Path, venv_cache: Path) -> AgentSettings:
+def settings(pki: Pki, workdir: Path, venv_cache: Path) -> AgentSettings:
     return AgentSettings(
-        service_token=service_token,
+        ca_file=pki.ca_file,
         agent_id="agent-test-1",
         state_dir=workdir / "state",
         venv_cache_dir=venv_cache,
@@ -188,12 +192,18 @@ def settings(service_token: str, workdir: Path, venv_cache: Path) -> AgentSettin
 
 
 @pytest.fixture
-def make_agent(models: LocalModels) -> Iterator[Callable[..., Flask]]:
-    """Build agent apps; every deployment they still run is stopped after the test."""
+def make_agent(models: LocalModels, pki: Pki) -> Iterator[Callable[..., Flask]]:
+    """Build agent apps, each with a credential of its own (agent id, role agent) unless given one; every
+    deployment they still run is stopped after the test."""
     apps: list[Flask] = []
 
-    def make(settings: AgentSettings, bus: EventBus | None = None) -> Flask:
-        app = create_app(settings, bus if bus is not None else MemoryBus(), fetch_model=models)
+    def make(settings: AgentSettings, bus: EventBus | None = None, *,
+             credential: CredentialSource | None = None, **kw: Any) -> Flask:
+        if credential is None:
+            cred = pki.credential(settings.agent_id, AGENT)
+            credential = lambda: cred  # noqa: E731
+        app = create_app(settings, bus if bus is not None else MemoryBus(), credential=credential,
+                         fetch_model=kw.pop("fetch_model", models), **kw)
         apps.append(app)
         return app
 
@@ -213,7 +223,24 @@ def agent_app(make_agent: Callable[..., Flask], settings: AgentSettings, bus: Me
 
 
 @pytest.fixture
-def client(agent_app: Flask, service_token: str):  # type: ignore[no-untyped-def]
-    c = agent_app.test_client()
-    c.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
-    return c
+def client(agent_app: Flask, pki: Pki) -> SigningClient:
+    """A test client of the agent signing as the controller (the only role that commands agents)."""
+    return pki.client(agent_app, CONTROLLER)
+
+
+@pytest.fixture
+def signed_session(pki: Pki) -> Iterator[Callable[..., requests.Session]]:
+    """signed_session(role="controller"): a requests session whose every request is signed by a new identity of
+    `role`, as ServiceClient signs; closed after the test."""
+    made: list[requests.Session] = []
+
+    def make(role: str = CONTROLLER) -> requests.Session:
+        session = requests.Session()
+        session.auth = Signer(fixed(pki.credential(role)))
+        session.trust_env = False
+        made.append(session)
+        return session
+
+    yield make
+    for session in made:
+        session.close()

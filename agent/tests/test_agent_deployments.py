@@ -13,7 +13,9 @@ from agent.app import parts
 from agent.runtimes.process import answers
 from agent.settings import AgentSettings
 from miaas.bus import DEPLOYMENT_EVENTS, MemoryBus
+from miaas.identity import CONTROLLER
 from miaas.schemas import DeploymentEvent
+from miaas.testing import Pki
 
 
 def statuses(bus: MemoryBus, deployment_id: str) -> list[str]:
@@ -38,15 +40,13 @@ def settled(client: Any, deployment_id: str, eventually: Any) -> dict[str, Any]:
 
 
 def test_a_model_is_deployed_answers_logs_and_is_stopped_over_http(  # type: ignore[no-untyped-def]
-    agent_app: Flask, bus: MemoryBus, store, serve, service_token: str, eventually, monkeypatch, request
+    agent_app: Flask, bus: MemoryBus, store, serve, pki: Pki, signed_session, eventually, monkeypatch
 ) -> None:
-    # given a model version on the store, an agent served over HTTP, and a secret in the agent's environment
+    # given a model version on the store, an agent served over HTTP, and a join token in the agent's environment
     store.add("tiny", 1, ports={"backend": 5000, "frontend": 8501})
-    monkeypatch.setenv("MIAAS_SERVICE_TOKEN", service_token)
+    monkeypatch.setenv("AGENT_JOIN_TOKEN", pki.join_token())
     agent = serve(agent_app)
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {service_token}"
-    request.addfinalizer(http.close)
+    http = signed_session(CONTROLLER)
 
     # when the controller asks for a deployment
     created = http.post(f"{agent.url}/create-vm", json={"deployment_id": "dep-1", "model_id": "tiny", "version": 1},
@@ -60,7 +60,7 @@ def test_a_model_is_deployed_answers_logs_and_is_stopped_over_http(  # type: ign
     assert list(body["ports"]) == ["backend", "frontend"]
     assert body["ports"]["backend"] == body["port"] != body["ports"]["frontend"]
 
-    # and it becomes running, and the model answers at its URL from its own venv, without the cluster token
+    # and it becomes running, and the model answers at its URL from its own venv, without the join token
     eventually(lambda: http.get(f"{agent.url}/deployments/dep-1", timeout=5).json()["status"] == "running", 60,
                "dep-1 running")
     model = requests.get(f"{body['url']}/predict", timeout=5).json()
@@ -124,11 +124,10 @@ def test_a_failing_setup_command_fails_the_deployment(client, bus, store, eventu
 
 
 def test_a_model_that_never_answers_fails_at_the_provisioning_timeout(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, eventually, service_token: str
+    make_agent, settings: AgentSettings, store, eventually, pki: Pki
 ) -> None:
     app = make_agent(settings.model_copy(update={"provision_timeout_s": 3.0}))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    client = pki.client(app, CONTROLLER)
     store.add("silent", start=["echo I will never listen", "sleep 600"])
     client.post("/create-vm", json={"deployment_id": "dep-4", "model_id": "silent", "version": 1})
 
@@ -212,16 +211,6 @@ def test_unknown_deployments_and_runtimes(client, store) -> None:  # type: ignor
     missing = client.post("/create-vm", json={"deployment_id": "d", "model_id": "absent", "version": 1})
     assert missing.status_code == 404
     assert client.get("/deployments").json["deployments"] == []
-
-
-def test_every_route_but_health_needs_the_service_token(agent_app: Flask) -> None:
-    anonymous = agent_app.test_client()
-    assert anonymous.get("/health").status_code == 200
-    for method, path in [("post", "/create-vm"), ("post", "/stop-vm"), ("get", "/deployments"),
-                         ("get", "/deployments/x"), ("get", "/deployments/x/logs"), ("get", "/openapi.json")]:
-        resp = getattr(anonymous, method)(path, headers={"Authorization": "Bearer wrong-token"})
-        assert resp.status_code == 401, path
-        assert resp.json["error"]["code"] == "unauthorized"
 
 
 @pytest.mark.parametrize(
