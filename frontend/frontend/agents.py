@@ -12,14 +12,24 @@ from flask import Blueprint, abort, render_template, request
 from frontend.backends import Backends
 from frontend.busview import BusInspector, BusView
 from frontend.charts import chart, lines_of, sparkline
-from frontend.live import LiveFeed, LoadHistory
+from frontend.live import BusFollower, LiveFeed, LoadHistory
 from frontend.notices import notify_failure
 from frontend.security import username
 from frontend.settings import FrontendSettings
+from miaas import identity
 from miaas.errors import MiaasError
 from miaas.schemas import AgentView, Deployment
 
 PAGE_SIZE = 50
+REFUSAL_TEXT = {  # why a bus message was not believed, as the bus page says it
+    identity.UNSIGNED: "not signed",
+    identity.BAD_CERTIFICATE: "a certificate not of this cluster, or expired",
+    identity.BAD_SIGNATURE: "a signature that does not match",
+    identity.REVOKED: "signed by a revoked identity",
+    identity.REPLAYED: "replayed (a sequence number already seen)",
+    identity.STALE: "signed too long ago",
+    identity.IMPERSONATION: "signed by one identity, speaking for another",
+}
 STATES = ("alive", "suspect", "lost")
 Page = str | tuple[str, int]
 
@@ -93,20 +103,27 @@ def build_agents(backends: Backends, history: LoadHistory, clock: Callable[[], f
     return bp
 
 
-def build_bus(inspector: BusInspector, settings: FrontendSettings, feed: LiveFeed) -> Blueprint:
+def build_bus(inspector: BusInspector, settings: FrontendSettings, feed: LiveFeed,
+              follower: BusFollower | None) -> Blueprint:
     bp = Blueprint("bus", __name__)
 
     @bp.get("/bus")
     def bus() -> Page:
-        """Topics, partitions, offsets, consumer groups and lag, message rates: read from the broker itself."""
+        """Topics, partitions, offsets, consumer groups and lag, message rates: read from the broker itself; and
+        what the portal's own consumer skipped or refused, per reason."""
         view: BusView | None = None
         status = 200
         try:
             view = inspector.inspect()
         except MiaasError as exc:
             status = notify_failure(exc)
+        stats = follower.stats() if follower is not None else None
+        skips = sorted((stats.skipped_by_reason if stats else {}).items())
         template = "_bus_body.html" if request.args.get("fragment") else "bus.html"
         return render_template(template, view=view, kafka_ui_url=settings.kafka_ui_url,
-                               followers=feed.subscribers), status
+                               followers=feed.subscribers, consumer=stats,
+                               refusals=[(r, n) for r, n in skips if r in identity.REFUSAL_REASONS],
+                               skips=[(r, n) for r, n in skips if r not in identity.REFUSAL_REASONS],
+                               reasons=REFUSAL_TEXT), status
 
     return bp

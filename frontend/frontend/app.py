@@ -18,7 +18,7 @@ from werkzeug.wrappers import Response
 from frontend.agents import build_agents, build_bus
 from frontend.api import api_error, bearer_token, build_api, is_api_request
 from frontend.auth import build_auth
-from frontend.backends import Backends, Locate, discover
+from frontend.backends import CONTROLLER, Backends, Locate, discover
 from frontend.busview import BusInspector
 from frontend.deployments import StreamSlots, build_deployments, is_web_url
 from frontend.files import build_files
@@ -29,8 +29,9 @@ from frontend.security import TOUCH_EVERY, Sessions, check_csrf, csrf_token
 from frontend.settings import FrontendSettings
 from frontend.store import UserStore
 from frontend.users import build_users
-from miaas import __version__
+from miaas import __version__, identity
 from miaas.errors import MiaasError, Unauthorized
+from miaas.trust import Trust, trust_from_settings
 
 log = logging.getLogger(__name__)
 # Pages anyone may see; every other page needs a logged-in session.
@@ -56,8 +57,14 @@ def create_app(
 
     With `consume_bus` it follows the bus in a background thread from here on; `close_app(app)` stops it.
     Pages authenticate by a server-side session (its id in the cookie); `/api/v1` only by a personal API token.
+    The portal calls other services as its own identity (FRONTEND_CREDENTIAL_FILE), for the person logged in, and
+    believes only signed bus messages. No other service calls it, so the only routes not for people are public
+    (`/health`).
     """
-    token = settings.service_token.get_secret_value()
+    credential = identity.CredentialFile(settings.credential_file)
+    find = locate or discover(settings.service_registry_url, credential)
+    # Revocations (for the bus messages it believes) come from the controller, found where the pages find it.
+    trust = trust_from_settings(settings, credential=credential, controller_url=lambda: find(CONTROLLER))
     app = Flask(__name__)
     app.config.update(
         SERVICE_NAME="frontend",
@@ -89,16 +96,18 @@ def create_app(
             admin.username,
         )
     backends = Backends(
-        locate or discover(settings.service_registry_url, token),
-        token,
+        find,
+        trust.credential,
         timeout_s=settings.backend_timeout_s,
         upload_timeout_s=settings.upload_timeout_s,
     )
     feed = LiveFeed()
     history = LoadHistory(settings.metrics_history_s)
-    follower = BusFollower(settings.kafka_bootstrap, feed, history, time.monotonic) if settings.consume_bus else None
+    follower = BusFollower(settings.kafka_bootstrap, feed, history, time.monotonic,
+                           checker=trust.message_checker()) if settings.consume_bus else None
     inspector = BusInspector(settings.kafka_bootstrap, time.monotonic)
     app.extensions.update({
+        "miaas_trust": trust,
         "frontend.store": store, "frontend.sessions": sessions, "frontend.backends": backends, "frontend.feed": feed,
         "frontend.history": history, "frontend.follower": follower, "frontend.bus": inspector,
     })
@@ -162,7 +171,7 @@ def create_app(
                                              session_alive=lambda sid: sessions.find(sid) is not None))
     app.register_blueprint(build_api(backends))
     app.register_blueprint(build_agents(backends, history, time.monotonic))
-    app.register_blueprint(build_bus(inspector, settings, feed))
+    app.register_blueprint(build_bus(inspector, settings, feed, follower))
     _install_error_pages(app)
     if follower is not None:
         follower.start()
@@ -196,6 +205,8 @@ def close_app(app: Flask) -> None:
         follower.stop()
     app.extensions["frontend.bus"].close()
     app.extensions["frontend.store"].close()
+    trust: Trust = app.extensions["miaas_trust"]
+    trust.stop()
 
 
 def _install_error_pages(app: Flask) -> None:

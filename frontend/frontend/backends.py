@@ -1,4 +1,10 @@
-"""Calls to the other services (model registry, controller, agents), made on behalf of the logged-in user."""
+"""Calls to the other services (model registry, controller, agents), made on behalf of the logged-in user.
+
+Every call is signed by the portal's own credential (`miaas.identity`) and names the person it acts for in
+`X-MIaaS-User`, which the services accept from the portal's identity only. A service that refuses the portal's
+credential (revoked, expired, not of this cluster) or its role is not "down": the page says the portal itself was
+refused, so an operator knows to issue it a new credential.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from frontend.upload_stream import MultipartStream, size_of
 from miaas.client import ServiceClient, _remote_error
 from miaas.discovery import Discovery
 from miaas.errors import MiaasError, RemoteError, Unavailable, UpstreamError
+from miaas.identity import REFUSAL_REASONS, CredentialSource
 from miaas.schemas import (
     AgentList,
     AgentView,
@@ -28,6 +35,7 @@ from miaas.schemas import (
     UploadResult,
     VersionFiles,
 )
+from miaas.web import USER_HEADER
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -43,15 +51,15 @@ Locate = Callable[[str], str]
 """How the portal reaches a service: its name in, the base URL of a live instance out."""
 
 
-def discover(registry_url: str | None, token: str) -> Locate:
-    """The usual `Locate`: ask the service registry (answers are cached for a moment)."""
+def discover(registry_url: str | None, credential: CredentialSource) -> Locate:
+    """The usual `Locate`: ask the service registry, as the portal (answers are cached for a moment)."""
     if not registry_url:
 
         def nowhere(name: str) -> str:
             raise Unavailable(f"no service registry is configured (MIAAS_SERVICE_REGISTRY_URL) to find '{name}'")
 
         return nowhere
-    return Discovery(registry_url, token).lookup
+    return Discovery(registry_url, credential).lookup
 
 
 class BackendDown(UpstreamError):
@@ -60,6 +68,16 @@ class BackendDown(UpstreamError):
     def __init__(self, service: str, message: str) -> None:
         super().__init__(message, code="backend_unavailable")
         self.service = service
+
+
+class PortalRefused(BackendDown):
+    """A service refused the portal itself: its credential (401: revoked, expired, not of this cluster, a clock
+    too far off) or its role (403). Nothing a person can fix by trying again."""
+
+    def __init__(self, service: str, message: str, reason: str) -> None:
+        super().__init__(service, message)
+        self.code = "portal_refused"
+        self.reason = reason
 
 
 class _Tolerant(BaseModel):
@@ -106,11 +124,12 @@ class FileContent:
 class Backends:
     """Typed calls to the model registry, the controller and agents; errors come back as `MiaasError`s.
 
-    Connections are kept alive per thread and per service URL; the user is sent with each call.
+    Connections are kept alive per thread and per service URL; each request is signed with the portal's current
+    `credential` (read again when its file changes) and names the person it is made for.
     """
 
     locate: Locate
-    token: str
+    credential: CredentialSource
     timeout_s: float = 10.0
     upload_timeout_s: float = 600.0
     agents_fresh_s: float = 2.0
@@ -293,27 +312,48 @@ class Backends:
             clients = self._local.clients = {}
         client = clients.get(base)
         if client is None:
-            client = clients[base] = ServiceClient(base, self.token, timeout=self.timeout_s)
+            # One client per URL for every person: the person is a header of each request (`_send`), so the
+            # connection is kept alive across users.
+            client = clients[base] = ServiceClient(base, self.credential, timeout=self.timeout_s)
         return client
 
     def _call(self, service: str, user: str, method: str, path: str, **kw: Any) -> Any:
-        """One request; a refusal by the service stays a `RemoteError`, anything else becomes `BackendDown`."""
-        headers = {"X-MIaaS-User": user, **kw.pop("headers", {})}
+        """One request answered with JSON; a refusal by the service stays a `RemoteError`, a refusal of the portal
+        is `PortalRefused`, anything else becomes `BackendDown`."""
+        resp = self._send(service, user, method, path, **kw)
         try:
-            return self._client(self.locate(service)).request(method, path, headers=headers, **kw)
-        except RemoteError:
-            raise
-        except MiaasError as exc:
-            log.warning("%s %s on %s failed: %s", method, path, service, exc.message)
+            if not resp.content:
+                return None
+            return resp.json()
+        except requests.RequestException as exc:  # the connection broke while the body was read
+            log.warning("%s %s on %s failed while reading the answer: %s", method, path, service, exc)
             raise self._down(service) from exc
+        except ValueError as exc:
+            log.warning("%s %s on %s answered a body that is not JSON", method, path, service)
+            title = TITLES.get(service, service)
+            raise BackendDown(service, f"The {title} gave an answer the portal does not understand.") from exc
+        finally:
+            resp.close()
 
     def _raw(self, service: str, user: str, method: str, path: str, *, base: str | None = None,
              **kw: Any) -> requests.Response:
-        """A request whose body is not JSON (files, logs); errors as in `_call`."""
+        """A request whose body is not JSON (files, logs); errors as in `_call`. The caller closes the answer."""
+        return self._send(service, user, method, path, base=base, **kw)
+
+    def _send(self, service: str, user: str, method: str, path: str, *, base: str | None = None,
+              headers: dict[str, str] | None = None, timeout: Any = None, **kw: Any) -> requests.Response:
+        """Send one signed request for `user`; an answer of 400 or more raises (see `_call`)."""
+        try:
+            self.credential()  # a credential file the portal cannot read is its own problem, said as such
+        except (OSError, ValueError) as exc:
+            log.error("the portal cannot read its credential: %s", exc)
+            raise PortalRefused(service, "The portal cannot read its own credential (FRONTEND_CREDENTIAL_FILE), so "
+                                "it cannot call the other services. An operator must fix the portal's credential.",
+                                "credential_unreadable") from exc
         try:
             client = self._client(base or self.locate(service))
-            resp = client.session.request(method, f"{client.base_url}{path}", timeout=self.timeout_s,
-                                          headers={"X-MIaaS-User": user}, **kw)
+            resp = client.session.request(method, f"{client.base_url}{path}", timeout=timeout or self.timeout_s,
+                                          headers={USER_HEADER: user, **(headers or {})}, **kw)
         except requests.RequestException as exc:
             log.warning("%s %s on %s failed: %s", method, path, service, exc)
             raise self._down(service) from exc
@@ -321,13 +361,32 @@ class Backends:
             log.warning("%s %s on %s failed: %s", method, path, service, exc.message)
             raise self._down(service) from exc
         if resp.status_code >= 400:
+            status = resp.status_code
             error = _remote_error(resp, f"{method} {path}")
             resp.close()
+            if status in (401, 403):
+                raise self._refused(service, status, error, method, path)
             if isinstance(error, RemoteError):
                 raise error
             log.warning("%s %s on %s failed: %s", method, path, service, error)
             raise self._down(service) from error
         return resp
+
+    def _refused(self, service: str, status: int, error: Exception, method: str, path: str) -> PortalRefused:
+        """The service refused the portal's credential (401) or its role (403): an operator's problem."""
+        details = error.details if isinstance(error, MiaasError) else None
+        given = details.get("reason") if isinstance(details, dict) else None
+        reason = str(given) if given in REFUSAL_REASONS else ("forbidden" if status == 403 else "unauthenticated")
+        log.error("%s refused the portal's %s on %s %s (%s): %s", service,
+                  "role" if status == 403 else "credential", method, path, reason, error)
+        title = TITLES.get(service, service)
+        if status == 403:
+            message = (f"The {title} does not let the portal do this ({reason}). "
+                       "An operator must check the portal's role.")
+        else:
+            message = (f"The {title} refused the portal's credential ({reason}). The portal cannot act for anyone "
+                       "there until an operator issues it a new credential.")
+        return PortalRefused(service, message, reason)
 
     def _down(self, service: str) -> BackendDown:
         title = TITLES.get(service, service)

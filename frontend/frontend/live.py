@@ -3,6 +3,11 @@
 `LiveFeed` hands each `DeploymentEvent` to every subscriber (one per open Server-Sent Events stream);
 `LoadHistory` keeps the last minutes of each agent's CPU, memory and GPU load for the charts. `BusFollower`
 feeds both from Kafka with `miaas.bus.PartitionConsumer` (every partition assigned, from the end).
+
+Only what is signed is believed: each message's signature is checked first (`miaas.identity.MessageChecker`), and
+then that its signer may say it (`speaks_for`): an agent's metrics and reports only by that agent, the controller's
+events only by the controller. Refused messages never reach a page; they are counted per reason (`stats()`), and
+the bus page shows the counts.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from miaas import identity
 from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, PartitionConsumer, Received
-from miaas.schemas import AgentMetrics, DeploymentEvent
+from miaas.schemas import AgentMetrics, ConsumerStats, DeploymentEvent
 
 log = logging.getLogger(__name__)
 SUBSCRIBER_BACKLOG = 1000
@@ -130,15 +136,35 @@ class LoadHistory:
             samples.popleft()
 
 
-class BusFollower:
-    """Feeds a `LiveFeed` from deployment-events and a `LoadHistory` from system-metrics."""
+def speaks_for(signer: identity.Certificate | None, message: AgentMetrics | DeploymentEvent) -> None:
+    """Refuse (IMPERSONATION) a message its signer may not say: an agent speaks only for itself, only the
+    controller for the controller. Pure."""
+    if signer is None:
+        raise identity.Refused(identity.UNSIGNED, "the message is not signed")
+    if isinstance(message, AgentMetrics):
+        agent_id: str | None = message.agent_id
+    elif message.source == "controller":
+        if signer.role != identity.CONTROLLER:
+            raise identity.Refused(identity.IMPERSONATION, f"{signer.role} {signer.subject} sent an event of the "
+                                   f"controller about {message.deployment_id}")
+        return
+    else:
+        agent_id = message.agent_id
+    if signer.role != identity.AGENT or signer.subject != agent_id:
+        raise identity.Refused(identity.IMPERSONATION, f"{signer.role} {signer.subject} spoke for agent {agent_id}")
 
-    def __init__(self, bootstrap: str, feed: LiveFeed, history: LoadHistory, clock: Callable[[], float]) -> None:
+
+class BusFollower:
+    """Feeds a `LiveFeed` from deployment-events and a `LoadHistory` from system-metrics, believing only the
+    messages `checker` accepts and whose signer `speaks_for` them."""
+
+    def __init__(self, bootstrap: str, feed: LiveFeed, history: LoadHistory, clock: Callable[[], float], *,
+                 checker: identity.MessageChecker) -> None:
         self.feed = feed
         self.history = history
         self.clock = clock
         self._consumer = PartitionConsumer(bootstrap, [DEPLOYMENT_EVENTS, SYSTEM_METRICS], self.on_message,
-                                           start="end", group_id="frontend")
+                                           start="end", group_id="frontend", checker=checker)
 
     def start(self) -> BusFollower:
         self._consumer.start()
@@ -151,9 +177,18 @@ class BusFollower:
     def ready(self) -> threading.Event:
         return self._consumer.ready
 
+    def stats(self) -> ConsumerStats:
+        """What the portal has consumed, and skipped or refused per reason."""
+        return self._consumer.stats()
+
     def on_message(self, msg: Received) -> None:
-        """One message from the bus; an invalid one raises and is skipped by the consumer."""
+        """One message from the bus; an invalid one, or one its signer may not say, raises and is skipped by the
+        consumer."""
         if msg.topic == DEPLOYMENT_EVENTS:
-            self.feed.publish(DeploymentEvent.model_validate(msg.value))
+            event = DeploymentEvent.model_validate(msg.value)
+            speaks_for(msg.signer, event)
+            self.feed.publish(event)
         elif msg.topic == SYSTEM_METRICS:
-            self.history.observe(AgentMetrics.model_validate(msg.value), self.clock())
+            metrics = AgentMetrics.model_validate(msg.value)
+            speaks_for(msg.signer, metrics)
+            self.history.observe(metrics, self.clock())
