@@ -1,7 +1,8 @@
 """Fixtures of the portal tests: settings, the portal, and minimal fakes of the model registry and the controller.
 
-The fakes stand in for the HTTP contract of other services and are served over real HTTP; they record what the
-portal sent them.
+The fakes stand in for the HTTP contract of other services and are served over real HTTP; like the real ones they
+check each request's signature against the test CA (`pki`), and they record what the portal sent them and who
+signed it.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 from werkzeug.wrappers import Response
 
 from frontend.app import close_app, create_app
 from frontend.settings import FrontendSettings
+from miaas.identity import Certificate, Verifier, load_ca_public
 from miaas.schemas import (
     AgentCapacity,
     AgentLoad,
@@ -37,6 +39,8 @@ from miaas.schemas import (
     PackageMeta,
 )
 from miaas.serve import Server
+from miaas.testing import Pki
+from miaas.web import ServiceAuth, install_errors
 
 ADMIN = "admin"
 PACKAGE_FILES = {
@@ -78,7 +82,7 @@ class Received:
 
     path: str
     user: str | None
-    authorization: str | None
+    signer: Certificate | None
     json: Any = None
     form: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
@@ -90,13 +94,32 @@ def _record() -> Received:
     return Received(
         path=request.path,
         user=request.headers.get("X-MIaaS-User"),
-        authorization=request.headers.get("Authorization"),
+        signer=g.get("identity"),
         json=request.get_json(silent=True),
         form=request.form.to_dict(),
         files={k: (f.filename or "", f.read()) for k, f in request.files.items()},
         content_length=request.content_length,
         chunked="chunked" in request.headers.get("Transfer-Encoding", "").lower(),
     )
+
+
+def checking_signatures(app: Flask, auth: ServiceAuth | None, streamed: tuple[str, ...] = ()) -> Flask:
+    """Refuse, as every service does, a request that is not signed by an identity of the cluster (401); the
+    signer's certificate is recorded. Paths ending in `streamed` may sign their body as UNSIGNED-PAYLOAD."""
+    if auth is None:
+        return app
+    install_errors(app)
+
+    @app.before_request
+    def _authenticate() -> None:
+        g.identity = auth.authenticate(streamed=request.path.endswith(streamed))
+
+    return app
+
+
+def service_auth(pki: Pki) -> ServiceAuth:
+    """How a service checks its callers, with the test CA and its own revocations (`auth.verifier.revoked`)."""
+    return ServiceAuth(Verifier(load_ca_public(pki.ca_file)))
 
 
 @dataclass
@@ -109,6 +132,7 @@ class FakeRegistry:
     received: list[Received] = field(default_factory=list)
     refuse_upload: tuple[int, dict[str, Any]] | None = None
     pages: bool = True  # answers ?q=&offset=&limit= with a total; False: the old contract, every model
+    auth: ServiceAuth | None = None  # checks the signature of every request
 
     def add(self, v: ModelVersion, files: dict[str, bytes] | None = None) -> None:
         self.versions.setdefault(v.model_id, []).append(v)
@@ -131,7 +155,7 @@ class FakeRegistry:
                             versions=[v.version for v in vs], created_at=vs[0].created_at)
 
     def app(self) -> Flask:
-        app = Flask("fake_model_registry")
+        app = checking_signatures(Flask("fake_model_registry"), self.auth, streamed=("/upload-and-validate",))
 
         @app.post("/registry/upload-and-validate")
         def upload() -> tuple[Response, int]:
@@ -249,6 +273,7 @@ class FakeController:
     deployments: list[Deployment] = field(default_factory=list)
     agents: list[AgentView] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
+    auth: ServiceAuth | None = None
 
     def add_deployment(self, deployment_id: str, status: DeploymentStatus, **kw: Any) -> None:
         self.deployments.append(deployment(deployment_id, status, **kw))
@@ -257,7 +282,7 @@ class FakeController:
         self.agents.append(agent_view(agent_id, cpu, mem, deployments, **kw))
 
     def app(self) -> Flask:
-        app = Flask("fake_controller")
+        app = checking_signatures(Flask("fake_controller"), self.auth)
 
         @app.post("/controller/deploy")
         def deploy() -> tuple[Response, int]:
@@ -305,9 +330,10 @@ class FakeAgent:
 
     logs: dict[str, list[str]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
+    auth: ServiceAuth | None = None
 
     def app(self) -> Flask:
-        app = Flask("fake_agent")
+        app = checking_signatures(Flask("fake_agent"), self.auth)
 
         @app.get("/deployments/<deployment_id>/logs")
         def logs(deployment_id: str) -> Response:
@@ -333,19 +359,19 @@ def agent_view(agent_id: str, cpu: float, mem: float, deployments: int = 0, url:
 
 
 @pytest.fixture
-def registry() -> FakeRegistry:
-    return FakeRegistry()
+def registry(pki: Pki) -> FakeRegistry:
+    return FakeRegistry(auth=service_auth(pki))
 
 
 @pytest.fixture
-def controller() -> FakeController:
-    return FakeController()
+def controller(pki: Pki) -> FakeController:
+    return FakeController(auth=service_auth(pki))
 
 
 @pytest.fixture
-def agent(serve: Callable[[Flask], Server]) -> tuple[FakeAgent, str]:
+def agent(serve: Callable[[Flask], Server], pki: Pki) -> tuple[FakeAgent, str]:
     """A fake agent served over HTTP, and its URL."""
-    fake = FakeAgent()
+    fake = FakeAgent(auth=service_auth(pki))
     return fake, serve(fake.app()).url
 
 
@@ -359,9 +385,9 @@ def locate(
 
 
 @pytest.fixture
-def settings(workdir: Path, service_token: str) -> FrontendSettings:
+def settings(workdir: Path, pki: Pki) -> FrontendSettings:
     return FrontendSettings(
-        service_token=service_token,
+        **pki.settings("frontend"),
         secret_key=secrets.token_hex(32),
         admin_username=ADMIN,
         admin_password=ADMIN_PASSWORD,

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 
 from frontend.settings import FrontendSettings
 from frontend.store import Role
+from miaas.testing import Pki
 
 PAGES = ["/", "/models", "/models/m-iris", "/upload", "/deployments", "/agents"]
 
@@ -165,10 +166,10 @@ def test_settings_refuse_placeholder_and_short_secrets(settings: FrontendSetting
         FrontendSettings(**values)
 
 
-def test_secret_key_and_admin_password_are_required(service_token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secret_key_and_admin_password_are_required(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FRONTEND_SECRET_KEY", raising=False)
     monkeypatch.delenv("FRONTEND_ADMIN_PASSWORD", raising=False)
     with pytest.raises(ValidationError) as caught:
-        FrontendSettings(service_token=service_token)  # type: ignore[call-arg]
+        FrontendSettings(**pki.settings("frontend"))  # type: ignore[call-arg]
     missing = {e["loc"][0] for e in caught.value.errors() if e["type"] == "missing"}
     assert missing == {"secret_key", "admin_password"}

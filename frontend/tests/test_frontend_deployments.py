@@ -16,9 +16,12 @@ from flask import Flask
 
 from conftest import ADMIN_PASSWORD
 from frontend.live import LiveFeed
+from miaas import identity
 from miaas.bus import DEPLOYMENT_EVENTS, KafkaBus
+from miaas.identity import MessageSigner
 from miaas.schemas import CandidateExplanation, DeploymentEvent, DeploymentStatus, PlacementExplanation
 from miaas.serve import Server
+from miaas.testing import Pki
 
 
 def explanation() -> dict[str, Any]:
@@ -146,7 +149,8 @@ def events_of(response: requests.Response) -> Iterator[tuple[str, Any]]:
             name, data = "message", ""
 
 
-def test_a_deployment_state_change_reaches_the_browser_live(live_portal: str, controller: Any, broker: str) -> None:
+def test_a_deployment_state_change_reaches_the_browser_live(live_portal: str, controller: Any, broker: str,
+                                                            pki: Pki) -> None:
     # given a provisioning deployment, and a browser following it
     controller.add_deployment("d1", "provisioning", agent_id="agent-1")
     with logged_in(live_portal) as web, web.get(f"{live_portal}/deployments/d1/events", stream=True,
@@ -158,7 +162,8 @@ def test_a_deployment_state_change_reaches_the_browser_live(live_portal: str, co
             "reason": None, "stoppable": True})
         # when the agent reports it running on deployment-events (another deployment's news too)
         stop = threading.Event()
-        publisher = threading.Thread(target=publish_until, args=(broker, stop), daemon=True)
+        agent_1 = MessageSigner(identity.fixed(pki.credential("agent-1", "agent")))
+        publisher = threading.Thread(target=publish_until, args=(broker, agent_1, stop), daemon=True)
         publisher.start()
         try:
             name, state = next(received)
@@ -170,9 +175,10 @@ def test_a_deployment_state_change_reaches_the_browser_live(live_portal: str, co
     assert (state["deployment_id"], state["status"], state["url"]) == ("d1", "running", "http://127.0.0.1:20001")
 
 
-def publish_until(bootstrap: str, stop: threading.Event) -> None:
-    """Publish until the stream has its event: the portal reads from the end, from the moment it is assigned."""
-    bus = KafkaBus(bootstrap)
+def publish_until(bootstrap: str, signer: MessageSigner, stop: threading.Event) -> None:
+    """Publish (signed, as agent-1) until the stream has its event: the portal reads from the end, from the moment
+    it is assigned."""
+    bus = KafkaBus(bootstrap, signer=signer)
     while not stop.is_set():
         bus.publish(DEPLOYMENT_EVENTS, "d2", event("d2", DeploymentStatus.FAILED))
         bus.publish(DEPLOYMENT_EVENTS, "d1", event("d1", DeploymentStatus.RUNNING, "http://127.0.0.1:20001"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import requests
+from miaas.client import ServiceClient
+from miaas.testing import Pki
 
 
-def test_the_models_page_lists_the_registry_models(admin: Any, registry: Any, service_token: str) -> None:
+def test_the_models_page_lists_the_registry_models(admin: Any, registry: Any) -> None:
     registry.add_model("iris", versions=3)
     registry.add_model("mnist")
     page = admin.get("/models")
@@ -17,7 +18,8 @@ def test_the_models_page_lists_the_registry_models(admin: Any, registry: Any, se
     assert "<code>m-mnist</code>" in page.text
     assert "v3" in page.text
     [call] = registry.received
-    assert (call.path, call.user, call.authorization) == ("/registry/models", "admin", f"Bearer {service_token}")
+    assert (call.path, call.user) == ("/registry/models", "admin")
+    assert (call.signer.role, call.signer.subject) == ("frontend", "frontend")  # signed by the portal itself
 
 
 def test_the_model_page_shows_each_version_with_a_deploy_button(admin: Any, registry: Any) -> None:
@@ -106,17 +108,16 @@ def test_pages_carry_security_headers(admin: Any) -> None:
 
 
 def test_the_portal_finds_the_services_through_the_service_registry(
-    make_portal: Any, serve: Any, registry: Any, controller: Any, service_token: str, settings: Any
+    make_portal: Any, serve: Any, registry: Any, controller: Any, pki: Pki, settings: Any
 ) -> None:
     from service_registry.app import create_app as create_service_registry
     from service_registry.settings import ServiceRegistrySettings
 
-    phone_book = serve(create_service_registry(ServiceRegistrySettings(service_token=service_token))).url
+    phone_book = serve(create_service_registry(ServiceRegistrySettings(**pki.settings("service-registry")))).url
     for name, fake in (("model-registry", registry), ("controller", controller)):
         url = serve(fake.app()).url
-        answer = requests.post(f"{phone_book}/register", json={"name": name, "url": url},
-                               headers={"Authorization": f"Bearer {service_token}"}, timeout=5)
-        assert answer.status_code == 201
+        service = ServiceClient(phone_book, pki.credential(name), timeout=5)  # each registers itself
+        assert service.post("/register", json={"name": name, "url": url})["instance_id"]
     registry.add_model("iris")
     controller.add_agent("agent-1", cpu=10, mem=20)
     client = make_portal(None, service_registry_url=phone_book).test_client()

@@ -15,7 +15,7 @@ from frontend.upload_stream import CHUNK, MultipartStream, size_of
 from miaas.serve import Server
 
 
-def test_the_zip_reaches_the_registry_byte_for_byte(admin: Any, registry: Any, service_token: str) -> None:
+def test_the_zip_reaches_the_registry_byte_for_byte(admin: Any, registry: Any) -> None:
     package = os.urandom(3 * CHUNK + 123)  # larger than werkzeug keeps in memory: it is spooled to disk
     answer = admin.post("/upload", {"model_name": "iris", "file": (io.BytesIO(package), "iris.zip")}, page="/upload")
     assert answer.status_code == 303
@@ -24,7 +24,7 @@ def test_the_zip_reaches_the_registry_byte_for_byte(admin: Any, registry: Any, s
     assert got.form == {"model_name": "iris"}
     assert got.files == {"file": ("iris.zip", package)}
     assert got.user == "admin"
-    assert got.authorization == f"Bearer {service_token}"
+    assert got.signer is not None and got.signer.role == "frontend"  # streamed, signed as UNSIGNED-PAYLOAD
     assert not got.chunked and got.content_length is not None and got.content_length > len(package)
     page = admin.get("/models/m-iris").text
     assert "Uploaded iris version 1." in page
