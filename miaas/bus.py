@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -35,6 +36,35 @@ SYSTEM_METRICS = "system-metrics"
 DEPLOYMENT_EVENTS = "deployment-events"
 MODEL_EVENTS = "model-events"
 MAX_MESSAGE_BYTES = 1_000_000
+
+
+KAFKA_CONFIG_ENV = "MIAAS_KAFKA_CONFIG"
+_OWN_KEYS = frozenset({"bootstrap.servers", "group.id", "client.id", "enable.idempotence", "enable.auto.commit"})
+
+
+def kafka_config(raw: str | None = None) -> dict[str, str | int | float | bool]:
+    """The broker settings every client of this process adds (`MIAAS_KAFKA_CONFIG`: a JSON object of librdkafka
+    settings, e.g. `{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "...",
+    "sasl.password": "...", "ssl.ca.location": "/etc/miaas/kafka-ca.pem"}` for Apache Kafka with SASL/SCRAM)."""
+    text = os.environ.get(KAFKA_CONFIG_ENV, "") if raw is None else raw
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{KAFKA_CONFIG_ENV} is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in data.items()):
+        raise ValueError(f"{KAFKA_CONFIG_ENV} must be a JSON object of librdkafka settings (name: value)")
+    own = _OWN_KEYS & set(data)
+    if own:
+        raise ValueError(f"{KAFKA_CONFIG_ENV} may not set {', '.join(sorted(own))}: MIaaS sets those itself")
+    return data
+
+
+def client_config(bootstrap: str, **more: object) -> dict[str, Any]:
+    """A librdkafka configuration: the bootstrap servers, the process's broker settings, then `more`."""
+    return {"bootstrap.servers": bootstrap, **kafka_config(), **{k.replace("_", "."): v for k, v in more.items()}}
 
 
 @dataclass(frozen=True)
@@ -66,7 +96,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[TopicSpec] = TOPICS, timeout:
     only the spread differs). Existing topics are otherwise left as they are.
     """
     specs = list(topics)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     futures = admin.create_topics(
         [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1) for t in specs],
         operation_timeout=timeout,
@@ -186,7 +216,7 @@ class KafkaBus:
                  config: Mapping[str, Any] | None = None) -> None:
         self.signer = signer
         self._config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+            **client_config(bootstrap),
             "client.id": client_id,
             "enable.idempotence": True,
             "linger.ms": 5,
@@ -549,7 +579,7 @@ class PartitionConsumer:
 
     def _assignment(self, consumer: Consumer, admin: AdminClient | None = None) -> list[TopicPartition]:
         """Every partition of every topic, from `start`; raises KafkaException while one of them is missing."""
-        admin = admin if admin is not None else AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = admin if admin is not None else AdminClient(client_config(self.bootstrap))
         found = describe_topics(admin, self.topics, timeout=10, metadata=consumer)
         parts: list[TopicPartition] = []
         for topic in self.topics:
@@ -616,14 +646,14 @@ class PartitionConsumer:
     def _run(self) -> None:
         consumer = Consumer(
             {
-                "bootstrap.servers": self.bootstrap,
+                **client_config(self.bootstrap),
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest" if self.start_at == OFFSET_BEGINNING else "latest",
                 "fetch.message.max.bytes": MAX_MESSAGE_BYTES * 11,
             }
         )
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(client_config(self.bootstrap))
         try:
             while not self._stop.is_set():
                 try:
@@ -764,7 +794,7 @@ class PartitionConsumer:
 def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     """Block until the broker answers a metadata request."""
     deadline = time.monotonic() + timeout
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     while True:
         try:
             admin.list_topics(timeout=2)

@@ -27,6 +27,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,13 +457,17 @@ class MessageChecker:
         self.verifier = verifier
         self.max_age_s = max_age_s
         self.max_skew_s = max_skew_s
-        self._last: dict[tuple[str, str, int], tuple[int, int | None]] = {}
+        self._last: dict[tuple[str, str, int], int] = {}
+        # Messages accepted lately, by where they were read: a consumer that hands a batch over again (its handler
+        # failed) reads them again, which is no replay. A replay is a copy published again: a new offset.
+        self._accepted: OrderedDict[tuple[str, str, int, int | None, int], None] = OrderedDict()
+        self.remember = 100_000
         self._lock = threading.Lock()
 
     def check(self, topic: str, partition: int, key: bytes | None, value: bytes,
               headers: Iterable[tuple[str, bytes | None]] | None, now: float, offset: int | None = None,
               ) -> Certificate:
-        """`offset`: where the message was read; the same message read again at the same offset (a consumer
+        """`offset`: where the message was read; the message accepted at that offset read again (a consumer
         handing a batch over once more) is not a replay, the same one at another offset is."""
         found: dict[str, bytes] = {}
         for name, raw in headers or ():
@@ -481,11 +486,18 @@ class MessageChecker:
         if now - ts > self.max_age_s or ts - now > self.max_skew_s:
             raise Refused(STALE, f"the message was signed {now - ts:.0f}s ago by {cert.subject}")
         where = (cert.serial, topic, partition)
+        read_at = (cert.serial, topic, partition, offset, seq)
         with self._lock:
+            if offset is not None and read_at in self._accepted:
+                return cert  # the very message accepted before, read again at its place in the log
             last = self._last.get(where)
-            if last is not None and (seq < last[0] or (seq == last[0] and (offset is None or offset != last[1]))):
-                raise Refused(REPLAYED, f"sequence {seq} of {cert.subject} was already seen (last {last[0]})")
-            self._last[where] = (seq, offset)
+            if last is not None and seq <= last:
+                raise Refused(REPLAYED, f"sequence {seq} of {cert.subject} was already seen (last {last})")
+            self._last[where] = seq
+            if offset is not None:
+                self._accepted[read_at] = None
+                if len(self._accepted) > self.remember:
+                    self._accepted.popitem(last=False)
         return cert
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -46,9 +47,21 @@ class ServiceSettings(BaseSettings):
     credential_file: Path = Field(description="this service's credential: its private key and certificate")
     revocation_interval_s: float = shared("MIAAS_REVOCATION_INTERVAL_S", 3.0, gt=0, le=60)  # type: ignore[assignment]
     kafka_bootstrap: str = shared("MIAAS_KAFKA_BOOTSTRAP", "127.0.0.1:9092")  # type: ignore[assignment]
+    kafka_config: str = shared("MIAAS_KAFKA_CONFIG", "", description="JSON object of librdkafka settings added to "  # type: ignore[assignment]
+                               "every broker client (SASL/SCRAM, TLS); read from the environment by miaas.bus")
     service_registry_url: str | None = shared("MIAAS_SERVICE_REGISTRY_URL", None)  # type: ignore[assignment]
     heartbeat_interval_s: float = shared("MIAAS_HEARTBEAT_INTERVAL_S", 5.0, gt=0)  # type: ignore[assignment]
     log_level: str = shared("MIAAS_LOG_LEVEL", "INFO")  # type: ignore[assignment]
+
+    @field_validator("kafka_config")
+    @classmethod
+    def _kafka_config_is_valid(cls, value: str) -> str:
+        from miaas.bus import KAFKA_CONFIG_ENV, kafka_config
+
+        kafka_config(value)
+        if value:  # miaas.bus reads the environment: a value from a .env file reaches it too
+            os.environ.setdefault(KAFKA_CONFIG_ENV, value)
+        return value
 
     @field_validator("ca_file")
     @classmethod
