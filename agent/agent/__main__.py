@@ -1,11 +1,18 @@
 """`python -m agent`: run an agent on this machine."""
 
+import logging
+import os
+import sys
+
 from agent.app import create_app, parts
 from agent.credential import CredentialHolder, NoCredential
 from agent.settings import AgentSettings
 from miaas.bus import KafkaBus
 from miaas.identity import MessageSigner
 from miaas.serve import run_service
+
+log = logging.getLogger("agent")
+EXIT_NO_CREDENTIAL = 2
 
 
 def main() -> None:
@@ -20,9 +27,11 @@ def main() -> None:
         try:
             agent.start_metrics(url)
         except NoCredential as exc:
-            agent.shutdown()
-            bus.close()
-            raise SystemExit(f"agent {settings.agent_id} refuses to start: {exc.message}") from exc
+            # Nothing runs yet and nothing could be signed. The server is bound but run_service closes it only
+            # once it serves, and its worker threads would keep a raised SystemExit from ending the process.
+            log.error("refusing to start: %s", exc.message)
+            print(f"agent {settings.agent_id} refuses to start: {exc.message}", file=sys.stderr, flush=True)
+            os._exit(EXIT_NO_CREDENTIAL)
 
     def on_stop() -> None:
         agent.shutdown()

@@ -10,18 +10,32 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from agent.app import parts
+from agent.credential import CredentialHolder
 from agent.settings import AgentSettings
 from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, KafkaBus
+from miaas.identity import (
+    AGENT,
+    CONTROLLER,
+    Certificate,
+    MessageChecker,
+    MessageSigner,
+    Refused,
+    Verifier,
+    load_ca_public,
+)
 from miaas.schemas import AgentMetrics, DeploymentEvent
+from miaas.testing import Pki
+
+Seen = list[tuple[str, str, dict[str, Any], Certificate | None]]
 
 
-def read_all(consumer: Consumer, until: Any, timeout: float = 60.0) -> list[tuple[str, str, dict[str, Any]]]:
-    """Messages (topic, key, value) until until(messages) holds; fails after timeout.
+def read_all(consumer: Consumer, until: Any, checker: MessageChecker, timeout: float = 60.0) -> Seen:
+    """Messages (topic, key, value, signer: None when refused) until until(messages) holds; fails after timeout.
 
     The broker is shared by the session: other tests' messages (poison included) are read too, and only JSON
     objects are kept.
     """
-    seen: list[tuple[str, str, dict[str, Any]]] = []
+    seen: Seen = []
     deadline = time.monotonic() + timeout
     while not until(seen):
         assert time.monotonic() < deadline, f"timed out; saw {len(seen)} messages"
@@ -33,19 +47,27 @@ def read_all(consumer: Consumer, until: Any, timeout: float = 60.0) -> list[tupl
                     continue
                 key = (msg.key() or b"").decode("utf-8", "replace")
                 if isinstance(value, dict):
-                    seen.append((str(msg.topic()), key, value))
+                    try:
+                        signer: Certificate | None = checker.check(
+                            str(msg.topic()), msg.partition() or 0, msg.key(), msg.value() or b"", msg.headers(),
+                            time.time(), offset=msg.offset())
+                    except Refused:
+                        signer = None
+                    seen.append((str(msg.topic()), key, value, signer))
     return seen
 
 
-def test_metrics_and_deployment_events_arrive_on_the_broker(  # type: ignore[no-untyped-def]
-    broker: str, make_agent, settings: AgentSettings, store, service_token: str
+def test_metrics_and_deployment_events_arrive_on_the_broker_signed_by_the_agent(  # type: ignore[no-untyped-def]
+    broker: str, make_agent, settings: AgentSettings, store, pki: Pki
 ) -> None:
-    # given an agent publishing on the real broker, with a unique id
+    # given an agent with a unique id and its own certificate, signing what it publishes on the real broker
     agent_id = f"agent-{uuid.uuid4().hex[:8]}"
-    bus = KafkaBus(broker, client_id=agent_id)
-    app = make_agent(settings.model_copy(update={"agent_id": agent_id, "metrics_interval_s": 0.2}), bus)
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    credential = CredentialHolder(lambda: cred)
+    cred = pki.credential(agent_id, AGENT, url="http://agent.test:8600")
+    bus = KafkaBus(broker, client_id=agent_id, signer=MessageSigner(credential))
+    app = make_agent(settings.model_copy(update={"agent_id": agent_id, "metrics_interval_s": 0.2}), bus,
+                     credential=credential)
+    client = pki.client(app, CONTROLLER)
     store.add("broken", start=["echo failing on purpose", "exit 4"])
 
     # when its metrics start and a deployment fails
@@ -60,21 +82,28 @@ def test_metrics_and_deployment_events_arrive_on_the_broker(  # type: ignore[no-
         consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING)
                          for t in (SYSTEM_METRICS, DEPLOYMENT_EVENTS) for p in topics[t].partitions])
 
-        def mine(seen: list[tuple[str, str, dict[str, Any]]]) -> tuple[list[AgentMetrics], list[DeploymentEvent]]:
-            metrics = [AgentMetrics.model_validate(v) for t, k, v in seen if t == SYSTEM_METRICS and k == agent_id]
-            events = [DeploymentEvent.model_validate(v) for t, k, v in seen
-                      if t == DEPLOYMENT_EVENTS and k == deployment_id]
+        def ours(seen: Seen) -> Seen:
+            return [m for m in seen if (m[0], m[1]) in ((SYSTEM_METRICS, agent_id), (DEPLOYMENT_EVENTS, deployment_id))]
+
+        def mine(seen: Seen) -> tuple[list[AgentMetrics], list[DeploymentEvent]]:
+            metrics = [AgentMetrics.model_validate(v) for t, _, v, _ in ours(seen) if t == SYSTEM_METRICS]
+            events = [DeploymentEvent.model_validate(v) for t, _, v, _ in ours(seen) if t == DEPLOYMENT_EVENTS]
             return metrics, events
 
-        def done(seen: list[tuple[str, str, dict[str, Any]]]) -> bool:
+        def done(seen: Seen) -> bool:
             metrics, events = mine(seen)
             failed_reported = any(d.deployment_id == deployment_id and d.status.value == "failed"
                                   for m in metrics for d in m.deployments)
             return failed_reported and len(events) >= 2
 
-        metrics, events = mine(read_all(consumer, done))
+        checker = MessageChecker(Verifier(load_ca_public(pki.ca_file)))
+        seen = read_all(consumer, done, checker)
+        metrics, events = mine(seen)
     finally:
         consumer.close()
+    # every one of them is signed by the agent's own certificate, and its metrics carry the URL it is bound to
+    signers = {(s.subject, s.role, s.serial) if s else None for *_, s in ours(seen)}
+    assert signers == {(agent_id, AGENT, cred.cert.serial)}
     assert {m.url for m in metrics} == {"http://agent.test:8600"}
     assert all(m.agent_id == agent_id and m.runtimes == ["process"] for m in metrics)
     assert [e.status.value for e in events] == ["provisioning", "failed"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
 
 import pytest
 
 from agent.errors import ProvisionFailed
 from agent.gpus import GpuAllocator, GpuDevice, cuda_env, nvml_devices, pci_bus_id
+from miaas.identity import CONTROLLER
+from miaas.testing import Pki
 
 H100S = [GpuDevice(0, "0000:3b:00.0", "H100"), GpuDevice(1, "0000:5e:00.0", "H100"),
          GpuDevice(2, "0000:af:00.0", "H100")]
@@ -80,29 +81,24 @@ def test_without_nvml_there_is_no_gpu_and_no_crash(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_process_runtime_hands_its_gpus_to_the_model(  # type: ignore[no-untyped-def]
-    settings, store, service_token, eventually, models: Any
+    make_agent, settings, store, pki: Pki, eventually
 ) -> None:
-    from agent.app import create_app, parts
     from agent.runtimes import build_runtimes
-    from miaas.bus import MemoryBus
 
     # given an agent on a machine with three GPUs, one of them already held
     gpus = GpuAllocator(lambda: H100S)
     gpus.reserve("someone-else", 1)
     store.add("gpu-model", setup=["echo cuda=$CUDA_VISIBLE_DEVICES order=$CUDA_DEVICE_ORDER"],
               resources={"cpus": 1, "memory_mb": 256, "gpus": 2})
-    app = create_app(settings, MemoryBus(), fetch_model=models, runtimes=build_runtimes(settings, gpus))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
-    try:
-        # when a model asking for two GPUs is deployed
-        client.post("/create-vm", json={"deployment_id": "dep-gpu", "model_id": "gpu-model", "version": 1})
-        eventually(lambda: client.get("/deployments/dep-gpu").json["status"] == "running", 60, "dep-gpu running")
+    app = make_agent(settings, runtimes=build_runtimes(settings, gpus))
+    client = pki.client(app, CONTROLLER)
 
-        # then it sees the two free ones, numbered as NVML numbers them, and gives them back when stopped
-        assert "cuda=1,2 order=PCI_BUS_ID" in client.get("/deployments/dep-gpu/logs").text
-        assert gpus.held() == {0: "someone-else", 1: "dep-gpu", 2: "dep-gpu"}
-        client.post("/stop-vm", json={"deployment_id": "dep-gpu"})
-        assert gpus.held() == {0: "someone-else"}
-    finally:
-        parts(app).shutdown()
+    # when a model asking for two GPUs is deployed
+    client.post("/create-vm", json={"deployment_id": "dep-gpu", "model_id": "gpu-model", "version": 1})
+    eventually(lambda: client.get("/deployments/dep-gpu").json["status"] == "running", 60, "dep-gpu running")
+
+    # then it sees the two free ones, numbered as NVML numbers them, and gives them back when stopped
+    assert "cuda=1,2 order=PCI_BUS_ID" in client.get("/deployments/dep-gpu/logs").text
+    assert gpus.held() == {0: "someone-else", 1: "dep-gpu", 2: "dep-gpu"}
+    client.post("/stop-vm", json={"deployment_id": "dep-gpu"})
+    assert gpus.held() == {0: "someone-else"}

@@ -10,6 +10,8 @@ from flask import Flask
 
 from agent.logtail import LogFollower
 from agent.settings import AgentSettings
+from miaas.identity import CONTROLLER
+from miaas.testing import Pki
 
 
 def test_a_follow_ends_when_its_reader_is_too_slow(tmp_path: Path) -> None:
@@ -62,12 +64,11 @@ def running(client: Any, store: Any, eventually: Any, deployment_id: str = "dep-
 
 
 def test_a_follow_asked_for_longer_ends_at_the_agents_maximum(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, eventually, service_token: str
+    make_agent, settings: AgentSettings, store, eventually, pki: Pki
 ) -> None:
     # given an agent that follows a log for 2 s at most, and a running deployment
     app: Flask = make_agent(settings.model_copy(update={"logs_follow_max_s": 2.0}))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    client = pki.client(app, CONTROLLER)
     running(client, store, eventually)
 
     # when a client asks to follow it for an hour
@@ -82,12 +83,11 @@ def test_a_follow_asked_for_longer_ends_at_the_agents_maximum(  # type: ignore[n
 
 
 def test_follows_beyond_the_cap_are_refused_until_one_ends(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, eventually, service_token: str
+    make_agent, settings: AgentSettings, store, eventually, pki: Pki
 ) -> None:
     # given an agent that serves one follow at once, and a running deployment followed by a client
     app: Flask = make_agent(settings.model_copy(update={"logs_max_follows": 1}))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    client = pki.client(app, CONTROLLER)
     running(client, store, eventually)
     first = client.get("/deployments/dep-l/logs?follow=true", buffered=False)
     assert first.status_code == 200

@@ -23,7 +23,8 @@ def spec(tmp_path: Path) -> DeploymentSpec:
 
 def test_the_model_environment_is_filtered_and_names_its_ports(tmp_path: Path) -> None:
     agent_env = {"PATH": "/usr/bin", "HOME": "/home/a", "LC_ALL": "C.UTF-8", "HTTPS_PROXY": "http://proxy:3128",
-                 "MIAAS_SERVICE_TOKEN": "secret-token-value", "AGENT_AGENT_ID": "a", "AWS_SECRET_ACCESS_KEY": "x"}
+                 "AGENT_JOIN_TOKEN": "secret-token-value", "AGENT_CREDENTIAL_FILE": "/var/lib/agent/credential.json",
+                 "AGENT_AGENT_ID": "a", "AWS_SECRET_ACCESS_KEY": "x"}
     env = model_env(spec(tmp_path), Path("/venvs/abc"), agent_env)
     assert env["PATH"] == "/venvs/abc/bin:/usr/bin"
     assert env["VIRTUAL_ENV"] == "/venvs/abc"
@@ -34,7 +35,7 @@ def test_the_model_environment_is_filtered_and_names_its_ports(tmp_path: Path) -
     assert env["MIAAS_WORKDIR"] == str(tmp_path / "work")
     assert (env["HOME"], env["LC_ALL"], env["HTTPS_PROXY"], env["EXTRA"]) == ("/home/a", "C.UTF-8",
                                                                               "http://proxy:3128", "1")
-    assert not {"MIAAS_SERVICE_TOKEN", "AGENT_AGENT_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert not {"AGENT_JOIN_TOKEN", "AGENT_CREDENTIAL_FILE", "AGENT_AGENT_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
 
 
 def test_a_stop_that_overtakes_the_start_cancels_it(tmp_path: Path) -> None:

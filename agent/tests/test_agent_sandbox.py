@@ -1,9 +1,9 @@
 """The process runtime's sandbox, for real: bubblewrap, iptables, processes and sockets.
 
 A hostile model (hostile_model.py) is deployed through the agent's HTTP API; it tries to read every process's
-environment, its own, the agent's state folder, settings and `.env`, another model's files, to write where it
-should not, and to connect to a listening "control plane" port, to the agent and to the broker. Everything is
-refused while it still serves its predictions on its port.
+environment, its own, the agent's state folder, settings and `.env`, the agent's credential file and the CA key,
+another model's files, to write where it should not, and to connect to a listening "control plane" port, to the
+agent and to the broker. Everything is refused while it still serves its predictions on its port.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import socket
 import stat
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from flask import Flask
 
 import agent as agent_package
+from agent.app import parts
+from agent.credential import CredentialHolder
 from agent.errors import ProvisionFailed
 from agent.firewall import Firewall, ipv6_enabled, parse_endpoint
 from agent.runtimes.base import DeploymentSpec
@@ -31,7 +33,9 @@ from agent.runtimes.process import ProcessRuntime
 from agent.runtimes.sandbox import SYSTEM_PATH, BwrapSandbox, SandboxConfig, SandboxUnavailable, processes_of
 from agent.runtimes.venvs import VenvCache, make_readable
 from agent.settings import AgentSettings
+from miaas.identity import AGENT, CONTROLLER
 from miaas.schemas import PackageMeta
+from miaas.testing import Pki
 
 HOSTILE = Path(__file__).with_name("hostile_model.py").read_text()
 SANDBOX_VARIABLES = {
@@ -105,31 +109,47 @@ def iptables(*args: str, binary: str = "iptables") -> str:
     return subprocess.run([binary, "-w", *args], check=True, capture_output=True, text=True).stdout
 
 
+@dataclass(frozen=True)
+class AgentSecrets:
+    """What the agent holds that no model may see: a secret and a join token in its environment and `.env`."""
+
+    secret: str
+    join_token: str
+
+
 @pytest.fixture
-def agent_secret(monkeypatch: pytest.MonkeyPatch, service_token: str, workdir: Path) -> str:
-    """A secret in the agent's environment and in the `.env` of its working folder, as in production."""
+def agent_secret(monkeypatch: pytest.MonkeyPatch, pki: Pki, workdir: Path) -> AgentSecrets:
+    """A secret and a join token in the agent's environment and in the `.env` of its working folder, as in
+    production."""
     secret = "agent-secret-" + secrets.token_hex(16)
-    monkeypatch.setenv("MIAAS_SERVICE_TOKEN", service_token)
+    join_token = pki.join_token()
+    monkeypatch.setenv("AGENT_JOIN_TOKEN", join_token)
     monkeypatch.setenv("MIAAS_TEST_AGENT_SECRET", secret)
     cwd = workdir / "agent-cwd"
     cwd.mkdir()
-    (cwd / ".env").write_text(f"MIAAS_SERVICE_TOKEN={service_token}\nMIAAS_TEST_AGENT_SECRET={secret}\n")
+    (cwd / ".env").write_text(f"AGENT_JOIN_TOKEN={join_token}\nMIAAS_TEST_AGENT_SECRET={secret}\n")
     monkeypatch.chdir(cwd)
-    return secret
+    return AgentSecrets(secret, join_token)
 
 
 def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(  # type: ignore[no-untyped-def]
-    agent_app: Flask, settings: AgentSettings, store, serve, service_token: str, agent_secret: str, broker: str,
-    listeners: dict[str, Listener], eventually, request,
+    make_agent, settings: AgentSettings, store, serve, pki: Pki, signed_session, agent_secret: AgentSecrets,
+    broker: str, listeners: dict[str, Listener], eventually,
 ) -> None:
-    # given an agent with secrets in its environment and .env, serving over HTTP, a real broker, a listening
-    # control-plane port, and two hostile models deployed on it
+    # given an agent with secrets in its environment and .env, its own credential in its file (read at start),
+    # serving over HTTP, a real broker, a listening control-plane port, and two hostile models deployed on it
     add_hostile(store, "hostile")
     other_folder = add_hostile(store, "other")
+    agent_app = make_agent(settings, credential=CredentialHolder())
     agent = serve(agent_app)
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {service_token}"
-    request.addfinalizer(http.close)
+    credential_file = settings.credential_path
+    own = pki.credential(settings.agent_id, AGENT, url=agent.url)
+    own.save(credential_file)
+    parts(agent_app).start_metrics(agent.url)
+    assert parts(agent_app).credential().cert.serial == own.cert.serial
+    assert stat.S_IMODE(credential_file.stat().st_mode) == 0o600
+    private_key = json.loads(credential_file.read_text())["private_key"]
+    http = signed_session(CONTROLLER)
     mine = deploy(http, agent.url, "dep-h1", "hostile", eventually)
     theirs = deploy(http, agent.url, "dep-h2", "other", eventually)
     broker_host, broker_port = broker.split(",")[0].rsplit(":", 1)
@@ -142,7 +162,8 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
         "paths": [str(state), str(state / "dep-h1" / "model.log"), str(state / "dep-h2"), str(Path.cwd() / ".env"),
                   str(Path.cwd()), str(agent_code), str(agent_code / ".env"), str(other_folder),
                   str(other_folder / "hostile_model.py"), str(settings.sandbox_lock_dir), "/etc/shadow", "/home",
-                  f"/proc/{os.getpid()}/environ", str(venv_root)],
+                  f"/proc/{os.getpid()}/environ", str(venv_root), str(credential_file), str(pki.ca_key_file),
+                  str(pki.root)],
         "connect": [["127.0.0.1", listeners["control"].port],
                     [listeners["control6"].host, listeners["control6"].port],
                     ["127.0.0.1", agent.port], [broker_host, int(broker_port)], ["127.0.0.1", theirs["port"]],
@@ -151,9 +172,10 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
         "kill": [1],
     })
 
-    # then the agent's secrets appear nowhere in what it could read
+    # then the agent's secrets, its join token and its private key appear nowhere in what it could read
     dump = json.dumps(found)
-    assert agent_secret not in dump and service_token not in dump
+    assert agent_secret.secret not in dump and agent_secret.join_token not in dump and private_key not in dump
+    assert "AGENT_JOIN_TOKEN" not in found["env"] and "AGENT_CREDENTIAL_FILE" not in found["env"]
     # and its own environment is the sandbox's, built from nothing
     assert set(found["env"]) - {k for k in found["env"] if k.startswith("MIAAS_PORT_")} <= SANDBOX_VARIABLES
     assert found["env"]["HOME"] == "/work" and found["env"]["MIAAS_MODEL_DIR"] == "/app"
@@ -171,11 +193,12 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
     init = found["procs"]["1"]["cmdline"]["data"].split("\0")
     assert init[0] == shutil.which("bwrap", path=SYSTEM_PATH) and init[1] == "--args"
     assert init[init.index("--") + 1] == shutil.which("setpriv", path=SYSTEM_PATH)
-    # and nothing of the agent's folders, settings, credentials or another model is there
+    # and nothing of the agent's folders, settings, credential, the CA's key or another model is there
     files = found["files"]
     for path in [state, state / "dep-h1" / "model.log", state / "dep-h2", Path.cwd() / ".env", Path.cwd(),
                  agent_code, agent_code / ".env", other_folder, other_folder / "hostile_model.py",
-                 settings.sandbox_lock_dir, "/etc/shadow", "/home", f"/proc/{os.getpid()}/environ"]:
+                 settings.sandbox_lock_dir, "/etc/shadow", "/home", f"/proc/{os.getpid()}/environ",
+                 credential_file, pki.ca_key_file, pki.root]:
         assert files[str(path)]["result"] == "absent", (path, files[str(path)])
     assert files[str(venv_root)] == {"result": "listed", "entries": [".builds"]}  # its own venv only
     # and it connects to no control-plane port, no agent, no broker, no other model; only to its own port
@@ -211,8 +234,8 @@ def test_a_hostile_model_sees_nothing_of_the_agent_and_reaches_no_control_plane(
 
 
 def test_the_allow_list_opens_outbound_connections_but_never_to_denied_ports(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, serve, service_token: str, broker: str,
-    listeners: dict[str, Listener], eventually, request,
+    make_agent, settings: AgentSettings, store, serve, signed_session, broker: str,
+    listeners: dict[str, Listener], eventually,
 ) -> None:
     # given an agent (a uid range of its own) that allows models all of loopback, but denies one listener's
     # port, and knows the broker
@@ -223,9 +246,7 @@ def test_the_allow_list_opens_outbound_connections_but_never_to_denied_ports(  #
     })
     add_hostile(store, "hostile")
     agent = serve(make_agent(tuned))
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {service_token}"
-    request.addfinalizer(http.close)
+    http = signed_session(CONTROLLER)
     model = deploy(http, agent.url, "dep-allow", "hostile", eventually)
     broker_host, broker_port = broker.split(",")[0].rsplit(":", 1)
 
@@ -346,13 +367,12 @@ def test_a_venv_built_private_is_made_readable_but_not_writable(tmp_path: Path) 
 
 
 def test_with_sandbox_none_models_run_as_the_agent_and_it_says_so(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, eventually, service_token: str, caplog: pytest.LogCaptureFixture,
+    make_agent, settings: AgentSettings, store, eventually, pki: Pki, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # given an agent told not to sandbox
     store.add("tiny")
     app = make_agent(settings.model_copy(update={"sandbox": "none"}))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    client = pki.client(app, CONTROLLER)
 
     # then it warned at start, and a model runs as the agent's user
     assert any("AGENT_SANDBOX=none" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
@@ -361,15 +381,15 @@ def test_with_sandbox_none_models_run_as_the_agent_and_it_says_so(  # type: igno
     assert "sandbox: bwrap" not in client.get("/deployments/dep-n/logs?tail=100").text
 
 
-def test_the_sandbox_setting_is_bwrap_by_default_and_validated(service_token: str) -> None:
-    settings = AgentSettings(service_token=service_token, port=8601, kafka_bootstrap="10.0.0.1:9093,b:19092",
+def test_the_sandbox_setting_is_bwrap_by_default_and_validated(pki: Pki) -> None:
+    settings = AgentSettings(ca_file=pki.ca_file, port=8601, kafka_bootstrap="10.0.0.1:9093,b:19092",
                              service_registry_url="http://registry:8555")
     assert settings.sandbox == "bwrap" and settings.sandbox_uid_bounds == (61000, 61999)
     assert {8601, 9093, 19092, 8555, 8500, 8510, 8520, 9092} <= set(settings.sandbox_denied_ports)
     for bad in ({"sandbox": "docker"}, {"sandbox_uid_range": "0-100"}, {"sandbox_uid_range": "61000-65534"},
                 {"sandbox_allow_outbound": ["example.com:443"]}, {"sandbox_env": {"BAD NAME": "x"}}):
         with pytest.raises(ValueError):
-            AgentSettings(service_token=service_token, **bad)
+            AgentSettings(ca_file=pki.ca_file, **bad)
     assert str(parse_endpoint("udp:[fd00::1]:53")) == "udp:[fd00::1/128]:53"
     assert str(parse_endpoint("10.0.0.0/8")) == "tcp:10.0.0.0/8"
 
@@ -378,7 +398,8 @@ def test_the_sandbox_environment_is_built_from_nothing(tmp_path: Path, monkeypat
     # given an agent whose environment holds secrets, proxies and pip settings
     from agent.runtimes.sandbox import sandbox_env
 
-    for name, value in {"MIAAS_SERVICE_TOKEN": "secret-token", "AWS_SECRET_ACCESS_KEY": "x", "HOME": "/root",
+    for name, value in {"AGENT_JOIN_TOKEN": "secret-token", "AGENT_CREDENTIAL_FILE": "/var/lib/miaas/credential.json",
+                        "AWS_SECRET_ACCESS_KEY": "x", "HOME": "/root",
                         "HTTPS_PROXY": "http://user:pw@proxy:3128", "PIP_INDEX_URL": "https://u:p@index",
                         "LANG": "de_DE.UTF-8", "LD_PRELOAD": "/evil.so"}.items():
         monkeypatch.setenv(name, value)
@@ -395,5 +416,6 @@ def test_the_sandbox_environment_is_built_from_nothing(tmp_path: Path, monkeypat
                                                                                           "20099", "20100")
     assert env["LANG"] == "de_DE.UTF-8" and env["FROM_SPEC"] == "yes"
     assert env["HTTPS_PROXY"] == "http://10.0.0.9:3128"
-    assert not {"MIAAS_SERVICE_TOKEN", "AWS_SECRET_ACCESS_KEY", "PIP_INDEX_URL", "LD_PRELOAD"} & set(env)
-    assert "secret-token" not in json.dumps(env)
+    assert not {"AGENT_JOIN_TOKEN", "AGENT_CREDENTIAL_FILE", "AWS_SECRET_ACCESS_KEY", "PIP_INDEX_URL",
+                "LD_PRELOAD"} & set(env)
+    assert "secret-token" not in json.dumps(env) and "credential.json" not in json.dumps(env)

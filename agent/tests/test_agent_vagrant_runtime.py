@@ -27,7 +27,9 @@ from agent.runtimes.vmfirewall import FirewallError, VmBinding
 from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 from miaas.bus import DEPLOYMENT_EVENTS, MemoryBus
+from miaas.identity import AGENT, CONTROLLER
 from miaas.schemas import DeploymentEvent
+from miaas.testing import Pki
 
 
 @dataclass
@@ -131,8 +133,9 @@ def vm_settings(settings: AgentSettings, workdir: Path) -> AgentSettings:
 
 
 @pytest.fixture
-def vm_agent(models: Any, bus: MemoryBus, driver: FakeDriver) -> Iterator[Callable[..., Flask]]:
-    """Agent apps whose vagrant runtime drives the fake; each is shut down after the test."""
+def vm_agent(models: Any, bus: MemoryBus, driver: FakeDriver, pki: Pki) -> Iterator[Callable[..., Flask]]:
+    """Agent apps whose vagrant runtime drives the fake, each with a credential of its own; each is shut down after
+    the test."""
     apps: list[Flask] = []
 
     def make(settings: AgentSettings, gpus: GpuAllocator | None = None, guard: VmGuard | None = None) -> Flask:
@@ -141,7 +144,8 @@ def vm_agent(models: Any, bus: MemoryBus, driver: FakeDriver) -> Iterator[Callab
             model_store=settings.model_store, state_dir=settings.state_dir.absolute(), gpus=gpus,
             provision_timeout_s=settings.provision_timeout_s, guard=guard,
         )
-        app = create_app(settings, bus, fetch_model=models, runtimes={"vagrant": runtime})
+        cred = pki.credential(settings.agent_id, AGENT)
+        app = create_app(settings, bus, credential=lambda: cred, fetch_model=models, runtimes={"vagrant": runtime})
         apps.append(app)
         return app
 
@@ -150,10 +154,9 @@ def vm_agent(models: Any, bus: MemoryBus, driver: FakeDriver) -> Iterator[Callab
         parts(app).shutdown()
 
 
-def http(app: Flask, token: str) -> Any:
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-    return client
+def http(app: Flask, pki: Pki) -> Any:
+    """A test client of the agent signing as the controller."""
+    return pki.client(app, CONTROLLER)
 
 
 def statuses(bus: MemoryBus, deployment_id: str) -> list[str]:
@@ -176,12 +179,12 @@ def settled(client: Any, deployment_id: str, eventually: Any) -> dict[str, Any]:
 
 
 def test_a_model_runs_in_its_vm_answers_on_forwarded_ports_logs_and_is_destroyed(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, bus, service_token, eventually
+    vm_agent, vm_settings, store, driver, bus, pki, eventually
 ) -> None:
     # given a model with two named ports on the store
     store.add("tiny", ports={"api": 5000, "ui": 8501})
     agent = vm_agent(vm_settings)
-    client = http(agent, service_token)
+    client = http(agent, pki)
 
     # when it is deployed with the vagrant runtime
     body = create(client, "dep-v1", "tiny")
@@ -226,11 +229,11 @@ def test_a_model_runs_in_its_vm_answers_on_forwarded_ports_logs_and_is_destroyed
 
 
 def test_a_failed_vagrant_up_fails_with_the_log_tail_and_cleans_up(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, bus, service_token, eventually
+    vm_agent, vm_settings, store, driver, bus, pki, eventually
 ) -> None:
     store.add("tiny")
     driver.mode = "fail"
-    client = http(vm_agent(vm_settings), service_token)
+    client = http(vm_agent(vm_settings), pki)
     body = create(client, "dep-v2", "tiny")
 
     failed = settled(client, "dep-v2", eventually)
@@ -245,11 +248,11 @@ def test_a_failed_vagrant_up_fails_with_the_log_tail_and_cleans_up(  # type: ign
 
 
 def test_provisioning_past_its_timeout_is_killed_and_fails(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually
+    vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     store.add("tiny")
     driver.mode = "hang"
-    client = http(vm_agent(vm_settings.model_copy(update={"provision_timeout_s": 1.0})), service_token)
+    client = http(vm_agent(vm_settings.model_copy(update={"provision_timeout_s": 1.0})), pki)
     create(client, "dep-v3", "tiny")
 
     failed = settled(client, "dep-v3", eventually)
@@ -262,11 +265,11 @@ def test_provisioning_past_its_timeout_is_killed_and_fails(  # type: ignore[no-u
 
 
 def test_a_stop_during_provisioning_kills_vagrant_up_and_stops(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, bus, service_token, eventually
+    vm_agent, vm_settings, store, driver, bus, pki, eventually
 ) -> None:
     store.add("tiny")
     driver.mode = "hang"
-    client = http(vm_agent(vm_settings), service_token)
+    client = http(vm_agent(vm_settings), pki)
     create(client, "dep-v4", "tiny")
     eventually(lambda: driver.ups, 10, "vagrant up to start")
 
@@ -279,10 +282,10 @@ def test_a_stop_during_provisioning_kills_vagrant_up_and_stops(  # type: ignore[
 
 
 def test_a_model_that_dies_in_its_vm_fails_and_the_vm_is_destroyed(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually
+    vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     store.add("tiny")
-    client = http(vm_agent(vm_settings), service_token)
+    client = http(vm_agent(vm_settings), pki)
     create(client, "dep-v5", "tiny")
     assert settled(client, "dep-v5", eventually)["status"] == "running"
 
@@ -299,11 +302,11 @@ def test_a_model_that_dies_in_its_vm_fails_and_the_vm_is_destroyed(  # type: ign
 
 
 def test_a_version_that_does_not_match_its_manifest_never_reaches_vagrant(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually
+    vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     folder = store.add("tampered", manifest=True)
     (folder / "app.py").write_text("print('not what was uploaded')\n")
-    client = http(vm_agent(vm_settings), service_token)
+    client = http(vm_agent(vm_settings), pki)
     create(client, "dep-v6", "tampered")
 
     failed = settled(client, "dep-v6", eventually)
@@ -314,10 +317,10 @@ def test_a_version_that_does_not_match_its_manifest_never_reaches_vagrant(  # ty
 
 
 def test_a_version_outside_the_model_store_is_refused(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually, workdir
+    vm_agent, vm_settings, store, driver, pki, eventually, workdir
 ) -> None:
     store.add("tiny")
-    client = http(vm_agent(vm_settings.model_copy(update={"model_store": workdir / "elsewhere"})), service_token)
+    client = http(vm_agent(vm_settings.model_copy(update={"model_store": workdir / "elsewhere"})), pki)
     create(client, "dep-v7", "tiny")
 
     failed = settled(client, "dep-v7", eventually)
@@ -328,18 +331,18 @@ def test_a_version_outside_the_model_store_is_refused(  # type: ignore[no-untype
 
 
 def test_a_restarted_agent_adopts_its_running_vms_without_launching_them_again(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, bus, service_token, eventually
+    vm_agent, vm_settings, store, driver, bus, pki, eventually
 ) -> None:
     # given an agent that runs a VM and exits without stopping its deployments
     store.add("tiny", ports={"api": 5000})
     keep = vm_settings.model_copy(update={"stop_deployments_on_exit": False})
-    first = http(vm_agent(keep), service_token)
+    first = http(vm_agent(keep), pki)
     body = create(first, "dep-r1", "tiny")
     assert settled(first, "dep-r1", eventually)["status"] == "running"
     parts(first.application).shutdown()
 
     # when a new agent starts on the same state folder
-    second = http(vm_agent(keep), service_token)
+    second = http(vm_agent(keep), pki)
 
     # then it holds the deployment again: running, same URL and port, port held, the VM not launched twice
     found = second.get("/deployments/dep-r1").json
@@ -359,12 +362,12 @@ def test_a_restarted_agent_adopts_its_running_vms_without_launching_them_again( 
 
 
 def test_a_restarted_agent_destroys_a_vm_caught_mid_provisioning(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, bus, service_token, eventually
+    vm_agent, vm_settings, store, driver, bus, pki, eventually
 ) -> None:
     # given a VM folder left in the provisioning phase (its agent died during vagrant up) and its VM up
     store.add("tiny")
     keep = vm_settings.model_copy(update={"stop_deployments_on_exit": False})
-    first = http(vm_agent(keep), service_token)
+    first = http(vm_agent(keep), pki)
     create(first, "dep-r2", "tiny")
     assert settled(first, "dep-r2", eventually)["status"] == "running"
     parts(first.application).shutdown()
@@ -372,7 +375,7 @@ def test_a_restarted_agent_destroys_a_vm_caught_mid_provisioning(  # type: ignor
     record.write_text(record.read_text().replace('"phase": "running"', '"phase": "provisioning"'))
 
     # when a new agent starts
-    second = http(vm_agent(keep), service_token)
+    second = http(vm_agent(keep), pki)
 
     # then that VM is destroyed (no orphan) and the deployment reported failed, with why
     found = second.get("/deployments/dep-r2").json
@@ -385,12 +388,12 @@ def test_a_restarted_agent_destroys_a_vm_caught_mid_provisioning(  # type: ignor
 
 
 def test_gpus_are_reserved_passed_through_and_released(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually
+    vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     gpus = GpuAllocator(lambda: [GpuDevice(0, "0000:3b:00.0", "H100"), GpuDevice(1, "0000:af:00.0", "H100")])
     store.add("big", resources={"cpus": 2, "memory_mb": 1024, "gpus": 1})
     store.add("bigger", resources={"cpus": 2, "memory_mb": 1024, "gpus": 2})
-    client = http(vm_agent(vm_settings, gpus), service_token)
+    client = http(vm_agent(vm_settings, gpus), pki)
 
     create(client, "dep-g1", "big")
     assert settled(client, "dep-g1", eventually)["status"] == "running"
@@ -424,7 +427,7 @@ class FakeFirewall:
 
 
 def test_a_vm_gets_its_own_exports_bound_to_its_address_in_the_firewall_and_loses_them_at_stop(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually
+    vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     # given an agent with the VMs' firewall, and a model with requirements (a wheel file next to it)
     from test_agent_wheelhouse import make_wheel  # noqa: PLC0415 - a helper of the wheelhouse tests
@@ -434,7 +437,7 @@ def test_a_vm_gets_its_own_exports_bound_to_its_address_in_the_firewall_and_lose
     (folder / "requirements.txt").write_text(f"{wheel}\n")
     firewall = FakeFirewall()
     agent = vm_agent(vm_settings, guard=VmGuard(firewall, nfs_servers=("192.168.121.1",)))  # type: ignore[arg-type]
-    client = http(agent, service_token)
+    client = http(agent, pki)
     assert firewall.applied == [("virbr1", [])]  # installed at agent start, before any VM
 
     # when it is deployed
@@ -464,11 +467,11 @@ def test_a_vm_gets_its_own_exports_bound_to_its_address_in_the_firewall_and_lose
 
 
 def test_without_its_firewall_no_vm_is_started(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually
+    vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     store.add("tiny")
     client = http(vm_agent(vm_settings, guard=VmGuard(FakeFirewall(broken=True), nfs_servers=("192.168.121.1",))),
-                  service_token)
+                  pki)
     create(client, "dep-x2", "tiny")
     failed = settled(client, "dep-x2", eventually)
     assert failed["status"] == "failed"
@@ -477,7 +480,7 @@ def test_without_its_firewall_no_vm_is_started(  # type: ignore[no-untyped-def]
 
 
 def test_a_requirement_with_no_wheel_refuses_the_deployment_by_name_and_runs_no_build_code(  # type: ignore[no-untyped-def]
-    vm_agent, vm_settings, store, driver, service_token, eventually, monkeypatch, tmp_path
+    vm_agent, vm_settings, store, driver, pki, eventually, monkeypatch, tmp_path
 ) -> None:
     # given a package index (a folder) where the model's requirement exists only as an sdist whose setup.py
     # would write a marker file
@@ -489,7 +492,7 @@ def test_a_requirement_with_no_wheel_refuses_the_deployment_by_name_and_runs_no_
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
     store.add("tiny", requirements="trapped==1.0\n")
-    client = http(vm_agent(vm_settings), service_token)
+    client = http(vm_agent(vm_settings), pki)
 
     # when it is deployed
     create(client, "dep-x3", "tiny")

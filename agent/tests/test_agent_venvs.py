@@ -9,6 +9,8 @@ import requests
 from agent.app import parts
 from agent.runtimes.venvs import VenvCache
 from agent.settings import AgentSettings
+from miaas.identity import CONTROLLER
+from miaas.testing import Pki
 
 
 def published(cache: Path) -> list[Path]:
@@ -22,13 +24,12 @@ def test_the_venv_key_follows_the_requirements_content(tmp_path: Path) -> None:
 
 
 def test_two_deployments_with_identical_requirements_share_one_venv(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, workdir: Path, eventually, service_token: str
+    make_agent, settings: AgentSettings, store, workdir: Path, eventually, pki: Pki
 ) -> None:
     # given an empty venv cache and two different models whose requirements.txt are the same
     cache = workdir / "venvs"
     app = make_agent(settings.model_copy(update={"venv_cache_dir": cache}))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    client = pki.client(app, CONTROLLER)
     store.add("alpha", requirements="# shared\n")
     store.add("beta", requirements="# shared\n")
 
@@ -50,12 +51,11 @@ def test_two_deployments_with_identical_requirements_share_one_venv(  # type: ig
 
 
 def test_a_failed_venv_build_fails_the_deployment_and_leaves_nothing_behind(  # type: ignore[no-untyped-def]
-    make_agent, settings: AgentSettings, store, workdir: Path, eventually, service_token: str
+    make_agent, settings: AgentSettings, store, workdir: Path, eventually, pki: Pki
 ) -> None:
     cache = workdir / "venvs"
     app = make_agent(settings.model_copy(update={"venv_cache_dir": cache}))
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
+    client = pki.client(app, CONTROLLER)
     store.add("needy", requirements="./no-such-local-package\n")
 
     client.post("/create-vm", json={"deployment_id": "dep-n", "model_id": "needy", "version": 1})
