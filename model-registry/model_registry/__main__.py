@@ -8,8 +8,9 @@ import sys
 
 from miaas.bus import EventBus, KafkaBus
 from miaas.serve import MULTIPART_SLACK_BYTES, run_service
+from miaas.trust import Trust
 from model_registry.adopt import AdoptionRefused, adopt_store
-from model_registry.app import create_app
+from model_registry.app import create_app, registry_trust
 from model_registry.ownership import StoreRefused
 from model_registry.settings import ModelRegistrySettings
 
@@ -19,7 +20,8 @@ REFUSED = 2
 def main(
     argv: list[str] | None = None, settings: ModelRegistrySettings | None = None, bus: EventBus | None = None
 ) -> None:
-    """The command line; `settings` and `bus` default to the environment's and Kafka (given by tests)."""
+    """The command line; `settings` and `bus` default to the environment's and Kafka, its messages signed with the
+    registry's credential (given by tests)."""
     parser = argparse.ArgumentParser(prog="python -m model_registry", description="the MIaaS model registry")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the registry (the default)")
@@ -34,13 +36,20 @@ def main(
     if args.command == "adopt-store":
         _adopt(settings, args.name, parser)
     else:
-        _serve(settings, bus or KafkaBus(settings.kafka_bootstrap, client_id="model-registry"))
+        _serve(settings, bus)
 
 
-def _serve(settings: ModelRegistrySettings, bus: EventBus) -> None:
+def event_bus(settings: ModelRegistrySettings, trust: Trust) -> KafkaBus:
+    """The registry's publisher of model-events: every message signed with the registry's own credential."""
+    return KafkaBus(settings.kafka_bootstrap, client_id="model-registry", signer=trust.message_signer())
+
+
+def _serve(settings: ModelRegistrySettings, given: EventBus | None) -> None:
+    trust = registry_trust(settings)
+    bus = given or event_bus(settings, trust)
     close = bus.close
     try:
-        app = create_app(settings, bus)
+        app = create_app(settings, bus, trust=trust)
     except StoreRefused as exc:
         close()
         print(f"model-registry: refusing to start: {exc}", file=sys.stderr, flush=True)

@@ -7,9 +7,11 @@ from datetime import UTC, datetime
 
 from flask import Flask, Response, jsonify
 
+from miaas import identity
 from miaas.bus import EventBus
 from miaas.discovery import Discovery
 from miaas.errors import Unavailable
+from miaas.trust import Trust, trust_from_settings
 from miaas.web import create_service_app
 from model_registry.api import build_api
 from model_registry.ownership import secure_store
@@ -29,11 +31,16 @@ def utcnow() -> datetime:
 
 
 def create_app(
-    settings: ModelRegistrySettings, bus: EventBus | None = None, clock: Callable[[], datetime] = utcnow
+    settings: ModelRegistrySettings, bus: EventBus | None = None, clock: Callable[[], datetime] = utcnow, *,
+    trust: Trust | None = None,
 ) -> Flask:
     """The model registry app: migrates the database, checks that it owns the store (`StoreRefused` otherwise,
     with nothing changed; the first start claims an empty store), then prepares the store: removes the registry's own
-    unfinished temp files and moves to the quarantine what the database does not record. No network."""
+    unfinished temp files and moves to the quarantine what the database does not record. No network.
+
+    `trust` defaults to `registry_trust(settings)`; `python -m model_registry` builds it first, so that the bus it
+    gives the app signs with the same credential."""
+    trust = trust or registry_trust(settings)
     storage = ModelStorage(settings.model_store)
     store = Store(settings.database_url)
     try:
@@ -48,15 +55,12 @@ def create_app(
         max_entries=settings.max_entries, max_unpacked_bytes=settings.max_unpacked_bytes, max_ratio=settings.max_ratio,
         allow_requirement_urls=settings.allow_requirement_urls,
     )
-    token = settings.service_token.get_secret_value()
-    registry = ModelRegistry(store, storage, limits, clock=clock, bus=bus,
-                             usage=ControllerUsage(_controller_locator(settings), token))
-    app = create_service_app(
-        "model-registry", token, [build_api(registry, settings)],
-        import_name=__name__,
-    )
+    usage = ControllerUsage(controller_locator(settings, trust.credential), trust.credential)
+    registry = ModelRegistry(store, storage, limits, clock=clock, bus=bus, usage=usage)
+    app = create_service_app("model-registry", trust.auth, [build_api(registry, settings)], import_name=__name__)
     install_spool(app, Spool(storage, settings.max_upload_bytes))
     app.extensions[REGISTRY] = registry
+    app.extensions["miaas_trust"] = trust
     _report_store_on_health(app, lambda: {
         "store_id": store_id, "quarantined": storage.quarantined_count(), "quarantine": str(storage.quarantine_root),
     })
@@ -84,13 +88,24 @@ def _report_store_on_health(app: Flask, facts: Callable[[], dict[str, object]]) 
     app.view_functions[endpoints[0]] = health
 
 
-def _controller_locator(settings: ModelRegistrySettings) -> Callable[[], str]:
-    """Where the controller is: the configured URL, else the service registry's answer at the time of asking."""
+def registry_trust(settings: ModelRegistrySettings) -> Trust:
+    """The registry's identity (its credential file) and its checks of callers; revocations come from the
+    controller found as `controller_locator` finds it (none are fetched when no controller is configured)."""
+    credential = identity.CredentialFile(settings.credential_file)
+    controller = None
+    if settings.controller_url or settings.service_registry_url:
+        controller = controller_locator(settings, credential)
+    return trust_from_settings(settings, credential=credential, controller_url=controller)
+
+
+def controller_locator(settings: ModelRegistrySettings, credential: identity.CredentialSource) -> Callable[[], str]:
+    """Where the controller is: the configured URL, else the service registry's answer at the time of asking
+    (asked as `credential`)."""
     if settings.controller_url:
         url = settings.controller_url
         return lambda: url
     if settings.service_registry_url:
-        discovery = Discovery(settings.service_registry_url, settings.service_token.get_secret_value())
+        discovery = Discovery(settings.service_registry_url, credential)
         return lambda: discovery.lookup(CONTROLLER)
 
     def nowhere() -> str:

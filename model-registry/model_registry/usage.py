@@ -8,6 +8,7 @@ from typing import Protocol
 
 from miaas.client import ServiceClient
 from miaas.errors import MiaasError, Unavailable
+from miaas.identity import CredentialSource
 
 log = logging.getLogger(__name__)
 CONTROLLER = "controller"
@@ -22,18 +23,19 @@ class UsageCheck(Protocol):
 class ControllerUsage:
     """Asks the controller (`GET /controller/deployments?active=true&model_id=&version=`).
 
-    `locate` gives the controller's URL (from settings, or the service registry). Any failure to get a clear
-    answer is a 503: a version whose use cannot be checked is never deleted.
+    `locate` gives the controller's URL (from settings, or the service registry); the question is signed with
+    `credential`, the registry's own. Any failure to get a clear answer is a 503: a version whose use cannot be
+    checked is never deleted.
     """
 
-    def __init__(self, locate: Callable[[], str], token: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, locate: Callable[[], str], credential: CredentialSource, *, timeout_s: float = 5.0) -> None:
         self.locate = locate
-        self.token = token
+        self.credential = credential
         self.timeout_s = timeout_s
 
     def deployments_of(self, model_id: str, version: int) -> list[str]:
         try:
-            client = ServiceClient(self.locate(), self.token, timeout=self.timeout_s)
+            client = ServiceClient(self.locate(), self.credential, timeout=self.timeout_s)
             try:
                 answer = client.get("/controller/deployments",
                                     params={"active": "true", "model_id": model_id, "version": version})
