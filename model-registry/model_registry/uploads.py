@@ -4,6 +4,10 @@ Flask's form parser asks the request class for a stream per uploaded file; `Spoo
 `SpooledFile` in the model store's `.tmp` (same filesystem as the versions, so publishing is a rename). The file is
 never held in memory, a file over the cap stops the parse with a 413, a full store stops it with a 507, and every
 spooled file is removed when the request ends unless it was published.
+
+The upload route is streamed: its signature may leave the body unsigned (UNSIGNED-PAYLOAD), so a caller can send a
+zip as it reads it. A caller that did sign the body's hash has it checked here, once the body is read and before
+anything is published; a body other than the one signed is a 401 `bad_signature`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import IO, cast
 
 from flask import Flask, Request, current_app, request
 
-from miaas.errors import BadRequest, PayloadTooLarge
+from miaas import identity
+from miaas.errors import BadRequest, PayloadTooLarge, Unauthorized
 from model_registry.registry import ReceivedZip
 from model_registry.storage import ModelStorage, remove, space_checked
 
@@ -143,12 +148,54 @@ class Spool:
         return SpooledFile(path, file, self.max_bytes, self.storage.root)
 
 
+class HashingStream:
+    """The request body as the form parser reads it, hashed on the way, to compare with the hash that was signed."""
+
+    def __init__(self, stream: IO[bytes], signed: str) -> None:
+        self._stream = stream
+        self.signed = signed
+        self._sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._sha256.update(data)
+        return data
+
+    def check(self) -> None:
+        """Read what the parser left (an epilogue after the last part), then refuse a body that is not the one
+        signed."""
+        while self.read(BLOCK):
+            pass
+        if self._sha256.hexdigest() != self.signed:
+            raise Unauthorized(f"request refused ({identity.BAD_SIGNATURE}): the body is not the one signed",
+                               code="unauthenticated", details={"reason": identity.BAD_SIGNATURE})
+
+
 class SpoolingRequest(Request):
-    """A Flask request whose uploaded files are spooled by the app's `Spool`."""
+    """A Flask request whose uploaded files are spooled by the app's `Spool` and whose signed body hash, if the
+    caller signed one, is checked as the body is parsed."""
 
     @property
     def spooled_files(self) -> list[SpooledFile]:
         return cast(list[SpooledFile], self.__dict__.setdefault("_spooled_files", []))
+
+    @property
+    def signed_body(self) -> HashingStream | None:
+        return cast(HashingStream | None, self.__dict__.get("_signed_body"))
+
+    def _get_stream_for_parsing(self) -> IO[bytes]:
+        stream = super()._get_stream_for_parsing()
+        if getattr(self, "_cached_data", None) is not None:
+            return stream  # read whole before (a route whose body is signed): its hash was checked then
+        header = self.headers.get(identity.SIGNATURE_HEADER)
+        if not header:
+            return stream  # a public route: nothing was signed
+        signed = identity.parse_signature_header(header).body
+        if signed == identity.UNSIGNED_PAYLOAD:
+            return stream
+        hashing = HashingStream(stream, signed)
+        self.__dict__["_signed_body"] = hashing
+        return cast(IO[bytes], hashing)
 
     def _get_file_stream(
         self,
@@ -181,6 +228,9 @@ def receive_upload(max_bytes: int) -> tuple[str, SpooledFile]:
     if request.content_length is not None and request.content_length > max_bytes + FORM_OVERHEAD:
         raise too_large(max_bytes)
     upload = request.files.get("file")  # parses the body, spooling each file as it arrives
+    signed = cast(SpoolingRequest, request).signed_body
+    if signed is not None:
+        signed.check()  # before any answer about the content: what was not signed is not looked at
     names = {v.strip() for key in ("model_name", "name") for v in request.form.getlist(key)}
     if not names or names == {""}:
         raise BadRequest("model_name is required", code="invalid_upload")
