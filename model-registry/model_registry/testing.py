@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from flask import Flask
-from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from model_registry.app import REGISTRY
@@ -75,12 +74,6 @@ def good(changes: Mapping[str, Content | None] | None = None) -> dict[str, Conte
         else:
             files[name] = content
     return files
-
-
-def authenticated(app: Flask, token: str) -> FlaskClient:
-    c = app.test_client()
-    c.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-    return c
 
 
 def registry(app: Flask) -> ModelRegistry:

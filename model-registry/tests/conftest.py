@@ -1,5 +1,8 @@
 """Fixtures of the model registry tests: settings on a temp store, the app with a memory bus, packages as zips.
 
+The registry's identity comes from the session's test CA (`pki`); `client` signs as the portal (role frontend),
+which is the one identity that may name a person in X-MIaaS-User.
+
 Every test that uses the registry's database runs twice: on SQLite and on PostgreSQL (a fresh schema each time).
 """
 
@@ -15,11 +18,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from controller.app import create_app as create_controller
+from controller.settings import ControllerSettings
 from miaas.bus import MemoryBus
-from miaas.testing import postgres_schema
+from miaas.serve import Server
+from miaas.testing import Pki, postgres_schema
 from model_registry.app import create_app
 from model_registry.settings import ModelRegistrySettings
-from model_registry.testing import Files, Upload, authenticated, make_zip, registry
+from model_registry.testing import Files, Upload, make_zip, registry
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -45,8 +51,21 @@ def fresh_database_url(request: pytest.FixtureRequest, database_url: str, workdi
 
 
 @pytest.fixture
-def settings(service_token: str, workdir: Path, database_url: str) -> ModelRegistrySettings:
-    return ModelRegistrySettings(service_token=service_token, model_store=workdir / "models", database_url=database_url)
+def settings(pki: Pki, workdir: Path, database_url: str) -> ModelRegistrySettings:
+    return ModelRegistrySettings(**pki.settings("model-registry"), model_store=workdir / "models",
+                                 database_url=database_url)
+
+
+@pytest.fixture
+def controller(pki: Pki, workdir: Path, serve: Callable[[Flask], Server]) -> Iterator[Any]:
+    """A real controller app (not consuming the bus) on its own SQLite database, served over HTTP."""
+    app = create_controller(ControllerSettings(**pki.settings("controller"),
+                                               database_url=f"sqlite:///{workdir / 'controller.db'}"))
+    server = serve(app)
+    controller = app.extensions["controller"]
+    controller.url = server.url
+    yield controller
+    controller.store.engine.dispose()
 
 
 @pytest.fixture
@@ -75,8 +94,9 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 
 
 @pytest.fixture
-def client(app: Flask, service_token: str) -> FlaskClient:
-    return authenticated(app, service_token)
+def client(app: Flask, pki: Pki) -> FlaskClient:
+    """A test client signing as the portal."""
+    return pki.client(app, "frontend")
 
 
 @pytest.fixture

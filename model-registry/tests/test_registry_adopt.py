@@ -17,11 +17,12 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from miaas.bus import MemoryBus
+from miaas.testing import Pki
 from model_registry.__main__ import main
 from model_registry.adopt import AdoptionRefused, adopt_store
 from model_registry.settings import ModelRegistrySettings
 from model_registry.store import Store
-from model_registry.testing import authenticated, good, make_zip, registry, store_tree
+from model_registry.testing import good, make_zip, registry, store_tree
 
 MARKER = ".miaas-store.json"
 
@@ -40,11 +41,11 @@ def _upload(client: FlaskClient, weights: bytes, name: str = "iris", user: str =
 
 
 @pytest.fixture
-def lost(make_app: Callable[..., Flask], service_token: str) -> dict[str, Any]:
+def lost(make_app: Callable[..., Flask], pki: Pki) -> dict[str, Any]:
     """Given: a registry stored iris v1..v3 and resnet v1, then deleted iris v3 (the latest); then its database was
     lost. Returns what it answered for each version before."""
     app = make_app()
-    client = authenticated(app, service_token)
+    client = pki.client(app, "frontend")
     for weights in (b"one", b"two", b"three"):
         _upload(client, weights)
     _upload(client, b"resnet", name="resnet", user="bob")
@@ -66,7 +67,7 @@ def _rows(url: str) -> dict[str, list[tuple[str, ...]]]:
 
 def test_adopt_store_rebuilds_the_database_and_the_registry_serves_the_same_versions(
     lost: dict[str, Any], make_app: Callable[..., Flask], settings: ModelRegistrySettings, fresh_database_url: str,
-    service_token: str, capsys: pytest.CaptureFixture[str],
+    pki: Pki, capsys: pytest.CaptureFixture[str],
 ) -> None:
     fresh = settings.model_copy(update={"database_url": fresh_database_url})
     before = store_tree(settings.model_store)
@@ -79,7 +80,7 @@ def test_adopt_store_rebuilds_the_database_and_the_registry_serves_the_same_vers
     assert "2 models, 3 versions" in out
     assert store_tree(settings.model_store) == before
     # and the registry starts normally on the new database and serves the same models and versions
-    client = authenticated(make_app(database_url=fresh_database_url), service_token)
+    client = pki.client(make_app(database_url=fresh_database_url), "frontend")
     for name, answer in lost.items():
         assert client.get(f"/registry/models/{name}").json == answer
     iris = lost["iris"]["versions"][0]
@@ -172,7 +173,7 @@ def test_adopt_store_refuses_a_version_that_does_not_verify_and_changes_nothing(
 
 def test_a_store_from_before_records_is_adopted_with_the_names_given(
     lost: dict[str, Any], make_app: Callable[..., Flask], settings: ModelRegistrySettings, fresh_database_url: str,
-    service_token: str, capsys: pytest.CaptureFixture[str],
+    pki: Pki, capsys: pytest.CaptureFixture[str],
 ) -> None:
     # given: a store written before version records (and markers) existed
     iris_id, resnet_id = lost["iris"]["model"]["model_id"], lost["resnet"]["model"]["model_id"]
@@ -185,7 +186,7 @@ def test_a_store_from_before_records_is_adopted_with_the_names_given(
 
     out = capsys.readouterr().out
     assert f"--name {resnet_id}=<name>" in out  # the model without a name is named after its id, and said so
-    client = authenticated(make_app(database_url=fresh_database_url), service_token)
+    client = pki.client(make_app(database_url=fresh_database_url), "frontend")
     names = {m["name"]: m["versions"] for m in client.get("/registry/models").json["models"]}
     assert names == {"iris": [1, 2], resnet_id: [1]}
     with client.get("/registry/models/iris/versions/2/files/model.pth") as weights:

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from miaas.testing import Pki
 from model_registry.settings import ModelRegistrySettings
 
 
 def test_settings_read_the_cluster_wide_model_store_and_their_own_prefix(
-    monkeypatch: pytest.MonkeyPatch, service_token: str, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, pki: Pki, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("MIAAS_SERVICE_TOKEN", service_token)
+    monkeypatch.setenv("MIAAS_CA_FILE", str(pki.ca_file))
+    monkeypatch.setenv("MODEL_REGISTRY_CREDENTIAL_FILE", str(pki.credential_file("model-registry")))
     monkeypatch.setenv("MODEL_STORE", str(tmp_path / "nfs"))
     monkeypatch.setenv("MODEL_REGISTRY_MAX_UPLOAD_BYTES", "1234")
     monkeypatch.chdir(tmp_path)  # so that no .env of the developer leaks in
@@ -24,6 +26,7 @@ def test_settings_read_the_cluster_wide_model_store_and_their_own_prefix(
     assert settings.max_upload_bytes == 1234
     assert settings.port == 8510
     assert settings.database_url == "sqlite:///.miaas/model-registry.db"
+    assert (settings.ca_file, settings.credential_file) == (pki.ca_file, pki.credential_file("model-registry"))
 
 
 def test_start_up_removes_the_unfinished_temp_files_a_crashed_upload_left_in_tmp(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,30 +12,16 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from controller.app import create_app as create_controller
-from controller.settings import ControllerSettings
 from controller.store import DeploymentRow
 from miaas.bus import MODEL_EVENTS, MemoryBus
 from miaas.schemas import ModelEvent
-from miaas.serve import Server
-from model_registry.testing import Upload, authenticated, good
+from miaas.testing import Pki
+from model_registry.testing import Upload, good
 
 
 @pytest.fixture
-def controller(service_token: str, workdir: Path, serve: Callable[[Flask], Server]) -> Iterator[Any]:
-    """A real controller app (not consuming the bus) on its own SQLite database, served over HTTP."""
-    app = create_controller(ControllerSettings(service_token=service_token,
-                                               database_url=f"sqlite:///{workdir / 'controller.db'}"))
-    server = serve(app)
-    controller = app.extensions["controller"]
-    controller.url = server.url
-    yield controller
-    controller.store.engine.dispose()
-
-
-@pytest.fixture
-def client(make_app: Callable[..., Flask], controller: Any, service_token: str) -> FlaskClient:
-    return authenticated(make_app(controller_url=controller.url), service_token)
+def client(make_app: Callable[..., Flask], controller: Any, pki: Pki) -> FlaskClient:
+    return pki.client(make_app(controller_url=controller.url), "frontend")
 
 
 @pytest.fixture
@@ -141,13 +127,13 @@ def test_a_version_an_alias_points_at_is_a_409_naming_the_alias(two_versions: st
 
 
 def test_without_an_answer_from_the_controller_nothing_is_deleted(
-    make_app: Callable[..., Flask], service_token: str, upload: Upload
+    make_app: Callable[..., Flask], pki: Pki, upload: Upload
 ) -> None:
     assert upload(good()).status_code == 201
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    silent = authenticated(make_app(controller_url=f"http://127.0.0.1:{port}"), service_token)
+    silent = pki.client(make_app(controller_url=f"http://127.0.0.1:{port}"), "frontend")
 
     answer = silent.delete("/registry/models/iris/versions/1")
 

@@ -18,8 +18,9 @@ from flask.testing import FlaskClient
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import TestResponse, encode_multipart
 
+from miaas.testing import Pki
 from model_registry.settings import ModelRegistrySettings
-from model_registry.testing import Files, authenticated, good, make_zip, store_tree
+from model_registry.testing import Files, good, make_zip, store_tree
 
 SIZE = 2 << 20
 
@@ -41,9 +42,9 @@ def small_store(settings: ModelRegistrySettings) -> Iterator[Path]:
 
 
 @pytest.fixture
-def client(small_store: Path, make_app: Callable[..., Flask], service_token: str) -> FlaskClient:
+def client(small_store: Path, make_app: Callable[..., Flask], pki: Pki) -> FlaskClient:
     """Given: a registry on the small store, holding iris v1."""
-    client = authenticated(make_app(), service_token)
+    client = pki.client(make_app(), "frontend")
     assert _post(client, good({"model.pth": b"one"})).status_code == 201
     return client
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from urllib.parse import urlsplit
 
 import pytest
 from flask.testing import FlaskClient
@@ -57,7 +58,9 @@ def test_a_path_not_in_the_manifest_is_a_404_naming_it(upload: Upload, client: F
 def test_an_absolute_path_is_not_served(upload: Upload, client: FlaskClient, path: str) -> None:
     upload(GOOD)
     # Werkzeug merges the double slash with a redirect; the merged path is then looked up in the manifest.
-    found = client.get(f"/registry/models/iris/versions/1/files/{path}", follow_redirects=True)
+    found = client.get(f"/registry/models/iris/versions/1/files/{path}")
+    while found.status_code == 308:  # a redirect is a new request, signed anew: a signature names its target
+        found = client.get(urlsplit(found.headers["Location"])._replace(scheme="", netloc="").geturl())
     assert found.status_code == 404
     assert "has no file" in found.json["error"]["message"]
 

@@ -22,8 +22,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
 
+from miaas.testing import Pki
 from model_registry.settings import ModelRegistrySettings
-from model_registry.testing import GOOD, META, Entry, authenticated, good, make_zip, registry
+from model_registry.testing import GOOD, META, Entry, good, make_zip, registry
 
 
 def _patch_central(data: bytes, name: bytes, offset: int, fmt: str, value: int) -> bytes:
@@ -149,10 +150,10 @@ def _post(client: FlaskClient, package: bytes | Any, name: str) -> Any:
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.id for a in ATTACKS])
 def test_a_hostile_upload_is_refused_and_changes_nothing(
-    attack: Attack, make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
+    attack: Attack, make_app: Callable[..., Flask], settings: ModelRegistrySettings, pki: Pki
 ) -> None:
     app = make_app(**attack.settings)
-    client = authenticated(app, service_token)
+    client = pki.client(app, "frontend")
     assert _post(client, good({"model.pth": b"v1"}), "iris").status_code == 201
     assert client.put("/registry/models/iris/aliases/production", json={"version": 1}).status_code == 200
     before = _snapshot(settings, app)

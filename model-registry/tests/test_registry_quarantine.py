@@ -11,8 +11,9 @@ from pathlib import Path
 from flask import Flask
 from flask.testing import FlaskClient
 
+from miaas.testing import Pki
 from model_registry.settings import ModelRegistrySettings
-from model_registry.testing import Files, authenticated, good, make_zip, registry, store_tree
+from model_registry.testing import Files, good, make_zip, registry, store_tree
 
 
 def _upload(client: FlaskClient, files: Files, name: str = "iris") -> dict[str, object]:
@@ -34,11 +35,11 @@ def _crash_leftovers(model_dir: Path) -> None:
 
 
 def test_an_unrecorded_version_is_quarantined_with_every_byte_and_nothing_else_is_touched(
-    make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
+    make_app: Callable[..., Flask], settings: ModelRegistrySettings, pki: Pki
 ) -> None:
     # given: a stored v1, then what crashes and strangers left in the store
     root = settings.model_store
-    client = authenticated(make_app(), service_token)
+    client = pki.client(make_app(), "frontend")
     kept = Path(str(_upload(client, good({"model.pth": b"one"}))["path"]))
     model_dir = kept.parent
     _crash_leftovers(model_dir)
@@ -85,15 +86,15 @@ def test_an_unrecorded_version_is_quarantined_with_every_byte_and_nothing_else_i
     assert health["quarantined"] == 5
     assert health["quarantine"] == str(root / ".quarantine")
     # the registry serves v1 as before and the next upload is v2
-    client = authenticated(app, service_token)
+    client = pki.client(app, "frontend")
     assert client.get("/registry/models/iris").json["model"]["versions"] == [1]
     assert _upload(client, good({"model.pth": b"two"}))["version"] == 2
 
 
 def test_a_store_in_order_quarantines_nothing_and_health_says_zero(
-    make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
+    make_app: Callable[..., Flask], settings: ModelRegistrySettings, pki: Pki
 ) -> None:
-    client = authenticated(make_app(), service_token)
+    client = pki.client(make_app(), "frontend")
     _upload(client, good())
     before = store_tree(settings.model_store)
 
@@ -107,9 +108,9 @@ def test_a_store_in_order_quarantines_nothing_and_health_says_zero(
 
 
 def test_the_health_count_follows_what_is_left_in_the_quarantine(
-    make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
+    make_app: Callable[..., Flask], settings: ModelRegistrySettings, pki: Pki
 ) -> None:
-    client = authenticated(make_app(), service_token)
+    client = pki.client(make_app(), "frontend")
     model_dir = Path(str(_upload(client, good())["path"])).parent
     _crash_leftovers(model_dir)
     app = make_app()
@@ -123,10 +124,10 @@ def test_the_health_count_follows_what_is_left_in_the_quarantine(
 
 
 def test_a_deleted_version_keeps_its_record_as_a_tombstone_and_is_not_quarantined(
-    make_app: Callable[..., Flask], settings: ModelRegistrySettings, service_token: str
+    make_app: Callable[..., Flask], settings: ModelRegistrySettings, pki: Pki
 ) -> None:
     app = make_app()
-    client = authenticated(app, service_token)
+    client = pki.client(app, "frontend")
     for weights in (b"one", b"two"):
         _upload(client, good({"model.pth": weights}))
     registry(app).usage = _NoDeployments()

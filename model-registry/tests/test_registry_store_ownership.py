@@ -14,10 +14,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import text
 
+from miaas.testing import Pki
 from model_registry.ownership import StoreRefused
 from model_registry.settings import ModelRegistrySettings
 from model_registry.store import Store
-from model_registry.testing import authenticated, good, make_zip, registry, store_tree
+from model_registry.testing import good, make_zip, registry, store_tree
 
 MARKER = ".miaas-store.json"
 
@@ -31,10 +32,10 @@ def _upload(client: FlaskClient, weights: bytes, name: str = "iris") -> int:
 
 
 @pytest.fixture
-def populated(make_app: Callable[..., Flask], service_token: str) -> Flask:
+def populated(make_app: Callable[..., Flask], pki: Pki) -> Flask:
     """Given: a registry that stored two models, three versions, and an alias."""
     app = make_app()
-    client = authenticated(app, service_token)
+    client = pki.client(app, "frontend")
     _upload(client, b"one")
     _upload(client, b"two")
     _upload(client, b"resnet", name="resnet")
@@ -189,12 +190,12 @@ def test_a_database_and_store_from_before_markers_are_claimed_when_they_share_ve
 
 def test_a_database_and_store_from_before_markers_sharing_no_version_are_refused(
     populated: Flask, make_app: Callable[..., Flask], settings: ModelRegistrySettings, workdir: Path,
-    fresh_database_url: str, service_token: str,
+    fresh_database_url: str, pki: Pki,
 ) -> None:
     # given: an older database whose versions are not in this store (another store's database)
     other = workdir / "other-store"
     other_app = make_app(model_store=other, database_url=fresh_database_url)
-    _upload(authenticated(other_app, service_token), b"other", name="other")
+    _upload(pki.client(other_app, "frontend"), b"other", name="other")
     with registry(other_app).store.engine.begin() as conn:
         conn.execute(text("DELETE FROM store_owner"))
     (settings.model_store / MARKER).unlink()

@@ -18,8 +18,9 @@ from flask.testing import FlaskClient
 
 from miaas.bus import MODEL_EVENTS, MemoryBus
 from miaas.schemas import ModelEvent
+from miaas.testing import Pki
 from model_registry.settings import ModelRegistrySettings
-from model_registry.testing import GOOD, META, Entry, Files, Upload, authenticated, files_under, good, make_zip
+from model_registry.testing import GOOD, META, Entry, Files, Upload, files_under, good, make_zip
 
 
 def sha256(data: bytes) -> str:
@@ -145,9 +146,9 @@ def test_an_invalid_package_is_refused_saying_why_and_nothing_is_stored(
 
 
 def test_an_upload_over_the_size_limit_is_a_413_and_nothing_is_stored(
-    make_app: Callable[..., Flask], service_token: str, settings: ModelRegistrySettings
+    make_app: Callable[..., Flask], pki: Pki, settings: ModelRegistrySettings
 ) -> None:
-    client = authenticated(make_app(max_upload_bytes=1000), service_token)
+    client = pki.client(make_app(max_upload_bytes=1000), "frontend")
     data = make_zip(good({"model.pth": random.Random(1).randbytes(4000)}))  # incompressible
     assert len(data) > 1000
     resp = client.post("/registry/upload-and-validate",
@@ -160,9 +161,9 @@ def test_an_upload_over_the_size_limit_is_a_413_and_nothing_is_stored(
 
 
 def test_a_package_inflating_past_the_limit_is_refused(
-    make_app: Callable[..., Flask], service_token: str, settings: ModelRegistrySettings
+    make_app: Callable[..., Flask], pki: Pki, settings: ModelRegistrySettings
 ) -> None:
-    client = authenticated(make_app(max_unpacked_bytes=2000), service_token)
+    client = pki.client(make_app(max_unpacked_bytes=2000), "frontend")
     data = make_zip(good({"model.pth": bytes(range(256)) * 20}))
     resp = client.post("/registry/upload-and-validate",
                        data={"model_name": "iris", "file": (io.BytesIO(data), "m.zip")})
