@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -105,6 +106,11 @@ def obtain(settings: AgentSettings, url: str, *, controller_url: str | None, now
                 f"again (AGENT_PUBLIC_URL, AGENT_HOST, AGENT_PORT), or revoke it ({REVOKE_HINT} with "
                 f'{{"subject": "{agent_id}"}}), remove {path}, and start with AGENT_JOIN_TOKEN set to join again')
         if problem is None:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:  # a key others can read is a key others may have: no model may read it
+                log.warning("the agent's credential file %s was readable by others (mode %o); made it 0600", path,
+                            mode)
+                path.chmod(0o600)
             log.info("agent %s uses its credential %s (certificate %s, bound to %s)", agent_id, path, cert.serial,
                      cert.url)
             return stored

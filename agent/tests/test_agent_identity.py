@@ -263,10 +263,12 @@ def test_an_agent_with_its_credential_file_uses_it_and_publishes_its_bound_url(
     server = serve(app)
     own = pki.credential(settings.agent_id, AGENT, url=server.url)
     own.save(settings.credential_path)
+    settings.credential_path.chmod(0o644)  # as a careless copy leaves it
 
-    # when it starts, it uses that credential, and its metrics carry that URL
+    # when it starts, it uses that credential (readable by its own user only again), and its metrics carry that URL
     parts(app).start_metrics(server.url)
     assert parts(app).credential().cert.serial == own.cert.serial
+    assert stat.S_IMODE(settings.credential_path.stat().st_mode) == 0o600
     assert parts(app).renewer is None  # no controller known: nothing to renew with (it warned)
     metrics = wait_for(lambda: bus.on(SYSTEM_METRICS), 60, "metrics")
     assert metrics[0].url == server.url
@@ -354,6 +356,32 @@ def test_renewal_replaces_the_credential_without_a_restart(
         assert parts(app).renewer is not None and parts(app).renewer.renewed == 1
     finally:
         trust.stop()
+
+
+# ---------------------------------------------------------------------------------------------- what models see
+
+
+def test_no_model_environment_carries_the_join_token_or_the_credential(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.runtimes.base import DeploymentSpec
+    from agent.runtimes.process import model_env
+    from agent.runtimes.sandbox import sandbox_env
+    from agent.runtimes.vagrant_driver import vagrant_env
+    from miaas.schemas import PackageMeta
+
+    # given an agent whose environment holds its join token and the path of its credential
+    agent_env = {"PATH": "/usr/bin", "HOME": "/root", "AGENT_JOIN_TOKEN": "a.b~the-join-secret",
+                 "AGENT_CREDENTIAL_FILE": "/var/lib/miaas/agent/credential.json", "MIAAS_CA_FILE": "/etc/ca.json"}
+    spec = DeploymentSpec(deployment_id="dep-e", model_id="m", version=1, model_path=tmp_path, port=20001,
+                          meta=PackageMeta(setup_commands=["true"], start_commands=["true"]), workdir=tmp_path)
+
+    # then neither reaches a model, unsandboxed, sandboxed, or through the vagrant commands that make its VM
+    for name, value in agent_env.items():
+        monkeypatch.setenv(name, value)
+    envs = [model_env(spec, Path("/venvs/v")), sandbox_env(spec, Path("/venvs/v")), vagrant_env(None)]
+    for env in envs:
+        assert "AGENT_JOIN_TOKEN" not in env and "AGENT_CREDENTIAL_FILE" not in env
+        assert "the-join-secret" not in json.dumps(env) and "credential.json" not in json.dumps(env)
 
 
 # ---------------------------------------------------------------------------------------------- settings

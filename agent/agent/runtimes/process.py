@@ -3,7 +3,7 @@
 By default (AGENT_SANDBOX=bwrap) every setup and start command runs in the deployment's bubblewrap sandbox as a
 uid of its own, with an environment built from nothing and no outbound connection but its own ports
 (sandbox.py, firewall.py). With AGENT_SANDBOX=none (trusted code only) a model runs as the agent's user with the
-agent's access to the machine; only its environment is filtered so the cluster token does not leak into it.
+agent's access to the machine; only its environment is filtered so the agent's join token and secrets stay out.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ LOG_NAME = "model.log"
 REASON_LINES = 20
 _POLL_S = 0.1
 
-# What a model inherits from the agent's environment; everything else (the cluster token first) stays out.
+# What a model inherits from the agent's environment; everything else (the join token first) stays out.
 _INHERITED = {
     "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
     "NVIDIA_VISIBLE_DEVICES", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",

@@ -24,7 +24,7 @@ from agent.runtimes.vmfirewall import VmBinding
 log = logging.getLogger(__name__)
 
 # Never handed to vagrant: it runs the VM's tooling, not the cluster.
-_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PRIVATE_KEY")
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PRIVATE_KEY", "CREDENTIAL")
 
 
 class VmError(Exception):
