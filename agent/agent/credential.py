@@ -68,9 +68,9 @@ class CredentialHolder:
         return self.get()
 
 
-def problem_with(cert: identity.Certificate, settings: AgentSettings, url: str, verifier: identity.Verifier,
-                 token: str, now: float) -> str | None:
-    """Why a stored certificate cannot be this agent's now (None: it can)."""
+def problem_with(cert: identity.Certificate, settings: AgentSettings, verifier: identity.Verifier, token: str,
+                 now: float) -> str | None:
+    """Why a stored certificate cannot be this agent's now, whatever its URL (None: it can)."""
     try:
         verifier.certificate(token, now)
     except identity.Refused as exc:
@@ -98,7 +98,7 @@ def obtain(settings: AgentSettings, url: str, *, controller_url: str | None, now
             raise NoCredential(f"the agent's credential file cannot be used: {exc}; remove it and start with "
                                "AGENT_JOIN_TOKEN set to join again") from exc
         cert = stored.cert
-        problem = problem_with(cert, settings, url, verifier, stored.token, now)
+        problem = problem_with(cert, settings, verifier, stored.token, now)
         if problem is None and cert.url != url:
             raise NoCredential(
                 f"the certificate of agent {agent_id} ({path}) is bound to {cert.url}, but the agent now serves at "
