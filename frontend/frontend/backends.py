@@ -24,7 +24,7 @@ from frontend.upload_stream import MultipartStream, size_of
 from miaas.client import ServiceClient, _remote_error
 from miaas.discovery import Discovery
 from miaas.errors import MiaasError, RemoteError, Unavailable, UpstreamError
-from miaas.identity import REFUSAL_REASONS, CredentialSource
+from miaas.identity import REFUSAL_REASONS, STALE, CredentialSource
 from miaas.schemas import (
     AgentList,
     AgentView,
@@ -361,32 +361,34 @@ class Backends:
             log.warning("%s %s on %s failed: %s", method, path, service, exc.message)
             raise self._down(service) from exc
         if resp.status_code >= 400:
-            status = resp.status_code
+            if resp.status_code in (401, 403):
+                refused = self._refused(service, resp, method, path)
+                resp.close()
+                raise refused
             error = _remote_error(resp, f"{method} {path}")
             resp.close()
-            if status in (401, 403):
-                raise self._refused(service, status, error, method, path)
             if isinstance(error, RemoteError):
                 raise error
             log.warning("%s %s on %s failed: %s", method, path, service, error)
             raise self._down(service) from error
         return resp
 
-    def _refused(self, service: str, status: int, error: Exception, method: str, path: str) -> PortalRefused:
-        """The service refused the portal's credential (401) or its role (403): an operator's problem."""
-        details = error.details if isinstance(error, MiaasError) else None
-        given = details.get("reason") if isinstance(details, dict) else None
-        reason = str(given) if given in REFUSAL_REASONS else ("forbidden" if status == 403 else "unauthenticated")
-        log.error("%s refused the portal's %s on %s %s (%s): %s", service,
-                  "role" if status == 403 else "credential", method, path, reason, error)
+    def _refused(self, service: str, resp: requests.Response, method: str, path: str) -> PortalRefused:
+        """The service refused the portal's request (401) or its role (403): an operator's problem, said so."""
+        code, reason = _refusal_of(resp)
+        log.error("%s refused the portal's %s %s (%s %s): %s", service, method, path, resp.status_code,
+                  reason or code, resp.text[:300])
         title = TITLES.get(service, service)
-        if status == 403:
-            message = (f"The {title} does not let the portal do this ({reason}). "
-                       "An operator must check the portal's role.")
+        if resp.status_code == 403:
+            message = (f"The {title} does not let the portal do this ({code or 'forbidden'}). "
+                       "An operator must check the portal's certificate and role.")
+        elif reason == STALE:
+            message = (f"The {title} refused the portal's request as stale: the clocks of the portal and the "
+                       f"{title} differ by more than a minute. An operator must set them right.")
         else:
-            message = (f"The {title} refused the portal's credential ({reason}). The portal cannot act for anyone "
-                       "there until an operator issues it a new credential.")
-        return PortalRefused(service, message, reason)
+            message = (f"The {title} refused the portal's credential ({reason or code or 'unauthenticated'}). The "
+                       "portal cannot act for anyone there until an operator issues it a new credential.")
+        return PortalRefused(service, message, reason or code or "refused")
 
     def _down(self, service: str) -> BackendDown:
         title = TITLES.get(service, service)
@@ -403,6 +405,17 @@ class Backends:
 
 class _Aliases(_Tolerant):
     aliases: dict[str, int]
+
+
+def _refusal_of(resp: requests.Response) -> tuple[str | None, str | None]:
+    """The error code of a refusal and, for a refused signature, its reason (one of REFUSAL_REASONS)."""
+    try:
+        error = resp.json()["error"]
+        code, details = str(error["code"]), error.get("details")
+    except (ValueError, KeyError, TypeError):
+        return None, None
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return code, reason if reason in REFUSAL_REASONS else None
 
 
 def _seg(value: str) -> str:

@@ -146,6 +146,20 @@ def test_a_portal_whose_credential_was_revoked_gets_a_page_that_says_so(
     assert json_of(api)["error"]["code"] == "portal_refused"
 
 
+def test_a_portal_given_another_services_credential_is_told_it_may_not(
+    make_portal: Callable[..., Flask], real_registry: tuple[Flask, str], pki: Pki, workdir: Path, dead_url: str
+) -> None:
+    # given a portal started, by an operator's slip, with the controller's credential
+    _, url = real_registry
+    path = workdir / "controller-credential.json"
+    pki.credential("controller", "controller").save(path)
+    portal = make_portal({"model-registry": url, "controller": dead_url}.__getitem__, credential_file=path)
+    # then the registry does not let it act for a person, and the page says so
+    page = developer(portal).get("/models")
+    assert page.status_code == 502
+    assert "The model registry does not let the portal do this (forbidden_user_header)." in page.text
+
+
 def test_a_portal_that_cannot_read_its_credential_says_so(
     make_portal: Callable[..., Flask], real_registry: tuple[Flask, str], pki: Pki, workdir: Path, dead_url: str
 ) -> None:
