@@ -1,8 +1,14 @@
 """Settings of the controller (env prefix CONTROLLER_)."""
 
-from pydantic import Field
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from miaas import identity
 from miaas.settings import ServiceSettings
 
 
@@ -39,3 +45,28 @@ class ControllerSettings(ServiceSettings):
     idempotency_key_ttl_s: float = Field(
         86400.0, gt=0, description="how long an Idempotency-Key of POST /controller/deploy is remembered"
     )
+    ca_key_file: Path | None = Field(
+        None, description="the cluster CA's private key (ca-key.json): the controller issues agents their "
+                          "certificates when they join; without it, joins and renewals answer 503"
+    )
+    agent_certificate_lifetime_s: float = Field(
+        identity.AGENT_LIFETIME_S, gt=60, le=366 * 24 * 3600,
+        description="how long a certificate issued to an agent (joined or renewed) is valid",
+    )
+
+    @field_validator("ca_key_file")
+    @classmethod
+    def _ca_key_is_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            identity.CertificateAuthority.load(value)  # a clear error at start rather than a 500 on the first join
+        return value
+
+    @model_validator(mode="after")
+    def _ca_key_is_this_clusters(self) -> ControllerSettings:
+        if self.ca_key_file is not None:
+            key = identity.CertificateAuthority.load(self.ca_key_file).public_key
+            public = identity.load_ca_public(self.ca_file)
+            if key.public_bytes(Encoding.Raw, PublicFormat.Raw) != public.public_bytes(Encoding.Raw, PublicFormat.Raw):
+                raise ValueError(f"ca_key_file {self.ca_key_file} is not the private key of ca_file {self.ca_file}: "
+                                 "the certificates it issued would be refused everywhere")
+        return self
