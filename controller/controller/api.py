@@ -1,4 +1,8 @@
-"""HTTP routes of the controller (seed 002 names kept: /controller/deploy, /controller/stop)."""
+"""HTTP routes of the controller (seed 002 names kept: /controller/deploy, /controller/stop); the identity routes
+(join, renew, join tokens, revocations) are in `identities.py`.
+
+Who may call: deploy and stop, the portal and operators; the records, the agents and the bus, the model registry
+too (is a version deployed?)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pydantic import Field
 
 from controller.service import Controller
 from controller.store import Once
+from miaas import identity
 from miaas.errors import BadRequest
 from miaas.schemas import (
     AgentList,
@@ -34,6 +39,18 @@ class ListQuery(Request):
 
 
 MAX_KEY_LENGTH = 255
+MAX_SCOPE_LENGTH = 128  # the caller column of the idempotency keys
+DEPLOYERS = (identity.FRONTEND, identity.ADMIN)
+READERS = (identity.FRONTEND, identity.ADMIN, identity.MODEL_REGISTRY)
+
+
+def idempotency_scope(cert: identity.Certificate, caller: str) -> str:
+    """Whose an Idempotency-Key is: the authenticated identity and the person it acts for, so that two callers
+    never share a key (a person through the portal and an operator of the same name are two)."""
+    scope = f"{cert.role}:{cert.subject}/{caller}"
+    if len(scope) <= MAX_SCOPE_LENGTH:
+        return scope
+    return "sha256:" + hashlib.sha256(scope.encode()).hexdigest()
 
 
 def idempotency(header: str | None, caller: str | None, body: DeployRequest, ttl_s: float) -> Once | None:
@@ -54,16 +71,18 @@ def idempotency(header: str | None, caller: str | None, body: DeployRequest, ttl
 
 
 def build_api(controller: Controller) -> Api:
-    api = Api("controller")
+    api = Api("controller", allow=READERS)
 
-    @api.route("/controller/deploy", "POST", query=DeployQuery, body=DeployRequest, response=Deployment, status=202)
+    @api.route("/controller/deploy", "POST", query=DeployQuery, body=DeployRequest, response=Deployment, status=202,
+               allow=DEPLOYERS)
     def deploy(query: DeployQuery, body: DeployRequest) -> Response:
         """Queue a model version and place it on the least-loaded agent that fits (or by preempting strictly
         lower-priority deployments); when nothing fits it waits `pending` with the reason. 202 unless already
         running (201); `?wait=` blocks until running or failed. With an `Idempotency-Key` header, a retry (same
-        caller, same key, same body) returns the same deployment and creates none; the key with another body: 422."""
-        caller = g.get("caller")
-        once = idempotency(request.headers.get("Idempotency-Key"), caller, body,
+        identity and person, same key, same body) returns the same deployment and creates none; the key with
+        another body: 422."""
+        caller = g.caller
+        once = idempotency(request.headers.get("Idempotency-Key"), idempotency_scope(g.identity, caller), body,
                            controller.settings.idempotency_key_ttl_s)
         replayed = controller.store.replay(once, controller.clock()) if once is not None else None
         if replayed is not None:
@@ -73,7 +92,7 @@ def build_api(controller: Controller) -> Api:
         code = 201 if d.status == DeploymentStatus.RUNNING else 202
         return Response(d.model_dump_json(), status=code, mimetype="application/json")
 
-    @api.route("/controller/stop", "POST", body=StopRequest, response=Deployment)
+    @api.route("/controller/stop", "POST", body=StopRequest, response=Deployment, allow=DEPLOYERS)
     def stop(body: StopRequest) -> Deployment:
         """Stop a deployment; stopping a finished one is harmless."""
         return controller.stop_deployment(body.deployment_id)

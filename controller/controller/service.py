@@ -6,13 +6,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 from controller.commands import Refused, Uncertain, send_command
 from controller.lifecycle import Move, Record, backoff_s, judge_report
 from controller.placement import AgentSnapshot, Placement, PlacementRequest, Usage, score
+from controller.provenance import ReadOrderChecker, check_event, check_metrics
 from controller.reconciler import BusWatch, Reconciler
 from controller.reports import ReportFilter
 from controller.settings import ControllerSettings
@@ -30,6 +31,7 @@ from miaas.bus import (
 )
 from miaas.client import ServiceClient
 from miaas.errors import Unavailable, UpstreamError
+from miaas.identity import CredentialSource
 from miaas.schemas import (
     PRIORITIES,
     AgentList,
@@ -45,13 +47,17 @@ from miaas.schemas import (
     Resources,
     priority_rank,
 )
+from miaas.trust import Trust
 
 log = logging.getLogger(__name__)
 S = DeploymentStatus
 
 
 class Controller:
-    """Owns deployment records, places them on agents and follows them through the bus."""
+    """Owns deployment records, places them on agents and follows them through the bus.
+
+    It calls the model registry and commands agents as itself (`trust.credential`), and believes a bus message
+    only when its signature checks and its signer speaks for itself (`provenance`)."""
 
     def __init__(
         self,
@@ -60,13 +66,16 @@ class Controller:
         locate: Callable[[str], str],
         clock: Callable[[], datetime],
         bus: EventBus | None = None,
+        *,
+        trust: Trust,
     ) -> None:
         self.settings = settings
         self.store = store
         self.locate = locate
         self.clock = clock
         self.bus = bus
-        self.token = settings.service_token.get_secret_value()
+        self.trust = trust
+        self.credential: CredentialSource = trust.credential
         self.view = ClusterView(
             suspect_after=settings.suspect_after_intervals,
             lost_after_s=settings.lost_after_s,
@@ -84,8 +93,8 @@ class Controller:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Consume every partition of the metrics (from now) and of the deployment events (from the start), and
-        run the reconcile loop."""
+        """Consume every partition of the metrics (from now) and of the deployment events (from the start), each
+        message's signature checked, and run the reconcile loop."""
         self.started_at = self.clock()
         # Liveness: every grace period counts from now, and no agent is lost while the bus does not answer.
         self.view.restart_gate(self.started_at)
@@ -97,16 +106,22 @@ class Controller:
             self.metrics_consumer(start="end").start(),
             PartitionConsumer(
                 self.settings.kafka_bootstrap, [DEPLOYMENT_EVENTS], self.on_message, schemas=SCHEMAS,
-                start="beginning", group_id="controller",
+                start="beginning", group_id="controller", checker=self.message_checker(),
             ).start(),
         ]
 
     def metrics_consumer(self, start: str = "end") -> PartitionConsumer:
-        """The consumer of every partition of `system-metrics` that folds each batch into the view (not started)."""
+        """The consumer of every partition of `system-metrics` that folds each batch into the view (not started);
+        every message's signature is checked first."""
         return PartitionConsumer(
             self.settings.kafka_bootstrap, [SYSTEM_METRICS], batch_handler=self.on_metrics, schemas=SCHEMAS,
             latest_only=SNAPSHOTS, start=start, group_id="controller", batch_size=2000,
+            checker=self.message_checker(),
         )
+
+    def message_checker(self) -> ReadOrderChecker:
+        """A checker of signed messages for one consumer (each keeps its own producers' sequences)."""
+        return ReadOrderChecker(self.trust.verifier)
 
     def bus_stats(self) -> BusStats:
         """Messages each consumer handled and skipped (poison: bad JSON, unknown schema version, NaN...)."""
@@ -129,27 +144,33 @@ class Controller:
     # ------------------------------------------------------------------ bus in
 
     def on_message(self, msg: Received) -> None:
-        """Fold one bus message into the view or the records; invalid messages raise and are skipped."""
+        """Fold one bus message into the view or the records; invalid messages, and messages whose signer does not
+        speak for what they say (`provenance`), raise and are skipped."""
         if msg.topic == SYSTEM_METRICS:
             self.on_metrics([msg])
         elif msg.topic == DEPLOYMENT_EVENTS:
             event = msg.message if isinstance(msg.message, DeploymentEvent) else DeploymentEvent.model_validate(
                 msg.value)
+            check_event(msg.signer, event)
             self.observe_event(event)
 
     def observe_event(self, event: DeploymentEvent) -> None:
-        """Fold one `deployment-events` message: an agent's report applies as the lifecycle rules say."""
+        """Fold one `deployment-events` message: an agent's report applies as the lifecycle rules say.
+
+        The in-process entry, for tests that feed the controller directly: nothing checks who sent `event`.
+        Production input goes through `on_message`, from a consumer that checks every signature."""
         if event.source == "agent":
             self._apply_agent_report(event.deployment_id, event.status, event.agent_id, event.url, event.reason,
                                      event.generation)
 
     def on_metrics(self, batch: Iterable[Received]) -> None:
-        """Fold a batch of `system-metrics` messages; invalid ones raise (the consumer then finds and skips them)."""
-        self.fold_metrics(
-            m.message if isinstance(m.message, AgentMetrics) else AgentMetrics.model_validate(m.value) for m in batch
-        )
+        """Fold a batch of `system-metrics` messages; invalid ones, and ones not signed by the agent they speak for
+        at its certificate's URL, raise (the consumer then hands the batch over one at a time and skips those)."""
+        self.fold_metrics(_checked_metrics(batch))
 
     def observe_metrics(self, *batch: AgentMetrics) -> None:
+        """Fold metrics given in process, for tests that feed the controller directly: nothing checks who sent
+        them. Production input goes through `on_metrics`, from a consumer that checks every signature."""
         self.fold_metrics(batch)
 
     def fold_metrics(self, batch: Iterable[AgentMetrics]) -> None:
@@ -355,25 +376,30 @@ class Controller:
 
     def _fetch_model(self, model_id: str, version: int | None, alias: str | None) -> dict[str, Any]:
         """The version to deploy, resolved by the model registry (latest, a number, or an alias)."""
-        registry = ServiceClient(self.locate("model-registry"), self.token, timeout=10)
+        registry = ServiceClient(self.locate("model-registry"), self.credential, timeout=10)
         params: dict[str, Any] = {"model_id": model_id}
         if version is not None:
             params["version"] = version
         if alias is not None:
             params["alias"] = alias
-        found = registry.get("/registry/fetch-model", params=params)
+        try:
+            found = registry.get("/registry/fetch-model", params=params)
+        finally:
+            registry.close()
         if not isinstance(found, dict) or "meta" not in found:
             raise UpstreamError("model registry answered fetch-model without meta")
         return found
 
     def _agent_url(self, agent_id: str) -> str:
+        """Where the agent's commands go: the URL of its latest metrics, which (read from the bus) is the URL
+        bound in the certificate that signed them (`provenance.check_metrics`)."""
         record = self.view.get(agent_id)
         if record is None:
             raise Unavailable(f"agent '{agent_id}' has not reported metrics to this controller; retry shortly")
         return record.metrics.url
 
     def _command(self, agent_id: str, path: str, body: dict[str, Any]) -> Any:
-        return send_command(self._agent_url(agent_id), self.token, path, body,
+        return send_command(self._agent_url(agent_id), self.credential, path, body,
                             timeout=self.settings.agent_timeout_s, retries=self.settings.command_retries)
 
     def send_create(self, deployment_id: str) -> None:
@@ -506,6 +532,14 @@ class Controller:
                 log.warning("agent %s refused to stop %s: %s", agent_id, deployment_id, exc.message)
         except (Uncertain, Unavailable) as exc:
             log.warning("could not reach agent %s to stop %s (tried again later): %s", agent_id, deployment_id, exc)
+
+
+def _checked_metrics(batch: Iterable[Received]) -> Iterator[AgentMetrics]:
+    """The metrics of a batch, each only once its signer is found to speak for it (else Refused is raised)."""
+    for m in batch:
+        metrics = m.message if isinstance(m.message, AgentMetrics) else AgentMetrics.model_validate(m.value)
+        check_metrics(m.signer, metrics)
+        yield metrics
 
 
 def _queued_again(reason: str | None) -> dict[str, Any]:
