@@ -1,8 +1,11 @@
 """Fixtures of the controller's tests: a controller with its reconcile loop and real agents over real HTTP.
 
-The agents are the agent's own app (manager, routes, idempotent commands, generations) with a runtime that starts
-and stops at once, and a bus that hands their metrics and events straight to the controller: the tests here are
-about the controller's decisions, so they run in seconds. Runs over real processes and the real broker are in
+The agents are the agent's own app (manager, routes, idempotent commands, generations, signature checks) with a
+runtime that starts and stops at once, each with a credential of its own issued by the test CA (`pki`) for its
+agent id and the URL of its server; the controller signs its commands as itself. A bus hands the agents' metrics
+and events straight to the controller (`observe_metrics`, `observe_event`: the in-process entry, which checks no
+signature): the tests here are about the controller's decisions, so they run in seconds. The checked entry over
+the real broker is in test_controller_poison.py and test_controller_provenance.py; runs over real processes in
 tests/test_e2e_failover.py.
 """
 
@@ -17,7 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
+from flask.testing import FlaskClient
 from pydantic import BaseModel
 
 from agent.app import create_app as create_agent
@@ -28,10 +32,15 @@ from agent.settings import AgentSettings
 from controller.app import create_app as create_controller
 from controller.service import Controller
 from controller.settings import ControllerSettings
+from miaas import identity
 from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, MemoryBus
+from miaas.client import Signer
+from miaas.errors import NotFound
 from miaas.schemas import AgentMetrics, DeploymentEvent, DeploymentStatus, PackageMeta
 from miaas.serve import Server
+from miaas.testing import Pki, SigningClient
 from miaas.testing import wait_for as poll
+from miaas.web import Api, ServiceAuth, create_service_app
 
 T = TypeVar("T")
 
@@ -108,7 +117,8 @@ class Agent:
     app: Flask
     server: Server
     runtime: InstantRuntime
-    token: str
+    credential: identity.Credential
+    client: SigningClient  # signs as the controller
 
     @property
     def url(self) -> str:
@@ -116,20 +126,23 @@ class Agent:
 
     def deployments(self) -> dict[str, dict[str, Any]]:
         """What the agent itself says it holds, by deployment id."""
-        body = self.app.test_client().get("/deployments", headers={"Authorization": f"Bearer {self.token}"}).json
+        body = self.client.get("/deployments").json
         return {d["deployment_id"]: d for d in body["deployments"]}
 
 
 @dataclass
 class Cluster:
-    """A controller (reconcile loop running, no Kafka) and the agents a test adds."""
+    """A controller (reconcile loop running, no Kafka) and the agents a test adds; `client` calls the controller
+    as an operator (role admin), `http` is a requests session signed as one."""
 
     controller: Controller
     app: Flask
-    token: str
+    pki: Pki
     loop: Loopback
     tmp: Path
     serve: Callable[[Flask], Server]
+    client: SigningClient
+    http: requests.Session
     agents: dict[str, Agent] = field(default_factory=dict)
 
     def add_agent(self, agent_id: str, cpus: float = 2, memory_mb: float = 4096, create_delay_s: float = 0) -> Agent:
@@ -137,18 +150,27 @@ class Cluster:
         runtime = InstantRuntime()
         first_port = 30000 + 100 * len(self.agents)
         settings = AgentSettings(
-            service_token=self.token, agent_id=agent_id, state_dir=self.tmp / agent_id,
+            ca_file=self.pki.ca_file, agent_id=agent_id, state_dir=self.tmp / agent_id,
             venv_cache_dir=self.tmp / "venvs", metrics_interval_s=0.1, capacity_cpus=cpus,
             capacity_memory_mb=memory_mb, port_range=f"{first_port}-{first_port + 99}",
         )
-        app = create_agent(settings, self.loop.bus_for(agent_id), runtimes={"process": runtime},
+        # The agent's certificate binds the URL of its server, known once served: the holder is filled then.
+        holder: dict[str, identity.Credential] = {}
+        app = create_agent(settings, self.loop.bus_for(agent_id), credential=lambda: holder["credential"],
+                           runtimes={"process": runtime},
                            fetch_model=lambda model_id, version: ModelSource(self.tmp, meta_of(model_id)))
         if create_delay_s:
             app.wsgi_app = _delayed(app.wsgi_app, "/create-vm", create_delay_s)  # type: ignore[method-assign]
         server = self.serve(app)
-        agent = self.agents[agent_id] = Agent(agent_id, app, server, runtime, self.token)
+        credential = holder["credential"] = self.pki.credential(agent_id, identity.AGENT, url=server.url)
+        agent = self.agents[agent_id] = Agent(agent_id, app, server, runtime, credential,
+                                              self.pki.client(app, identity.CONTROLLER))
         parts(app).start_metrics(server.url)
         return agent
+
+    def session(self, role: str) -> requests.Session:
+        """A requests session signed as a new identity of `role` (close it after use)."""
+        return signed_session(self.pki.credential(role))
 
     def silence(self, agent_id: str) -> None:
         """The agent's messages stop reaching the controller (it looks dead); it keeps running."""
@@ -158,15 +180,11 @@ class Cluster:
         self.loop.paused.discard(agent_id)
 
     def deploy(self, model_id: str, priority: object = "normal", wait: float = 0) -> requests.Response:
-        client = self.app.test_client()
-        resp = client.post(f"/controller/deploy?wait={wait}", json={"model_id": model_id, "priority": priority},
-                           headers={"Authorization": f"Bearer {self.token}"})
+        resp = self.client.post(f"/controller/deploy?wait={wait}", json={"model_id": model_id, "priority": priority})
         return resp  # type: ignore[return-value]
 
     def stop(self, deployment_id: str) -> Any:
-        client = self.app.test_client()
-        return client.post("/controller/stop", json={"deployment_id": deployment_id},
-                           headers={"Authorization": f"Bearer {self.token}"})
+        return self.client.post("/controller/stop", json={"deployment_id": deployment_id})
 
     def events(self, deployment_id: str) -> list[DeploymentEvent]:
         """What the controller published about a deployment, in order."""
@@ -176,8 +194,7 @@ class Cluster:
                 and e.deployment_id == deployment_id]
 
     def get(self, deployment_id: str) -> dict[str, Any]:
-        client = self.app.test_client()
-        resp = client.get(f"/controller/deployments/{deployment_id}", headers={"Authorization": f"Bearer {self.token}"})
+        resp = self.client.get(f"/controller/deployments/{deployment_id}")
         return resp.json  # type: ignore[no-any-return]
 
     def until(self, deployment_id: str, check: Callable[[dict[str, Any]], bool], what: str,
@@ -194,19 +211,29 @@ def _delayed(wsgi: Any, path: str, delay_s: float) -> Any:
     return app
 
 
-def fake_registry() -> Flask:
-    """The model registry's fetch-model, for the models of MODELS."""
-    app = Flask("fake-registry")
+def fake_registry(pki: Pki) -> Flask:
+    """The model registry's fetch-model, for the models of MODELS, answering only requests the controller signed."""
+    api = Api("fake-registry", allow=(identity.CONTROLLER,))
 
-    @app.get("/registry/fetch-model")
-    def fetch():  # type: ignore[no-untyped-def]
+    @api.route("/registry/fetch-model")
+    def fetch() -> Response:
+        """A version of one of MODELS."""
         model_id = request.args["model_id"]
         if model_id not in MODELS:
-            return jsonify({"error": {"code": "not_found", "message": f"model '{model_id}' not found"}}), 404
+            raise NotFound(f"model '{model_id}' not found")
         return jsonify({"model_id": model_id, "name": model_id, "version": 1,
                         "meta": meta_of(model_id).model_dump(mode="json")})
 
-    return app
+    auth = ServiceAuth(identity.Verifier(identity.load_ca_public(pki.ca_file)))
+    return create_service_app("model-registry", auth, [api])
+
+
+def signed_session(credential: identity.Credential) -> requests.Session:
+    """A requests session whose every request is signed by `credential`, as ServiceClient signs."""
+    session = requests.Session()
+    session.auth = Signer(identity.fixed(credential))
+    session.trust_env = False
+    return session
 
 
 @pytest.fixture
@@ -216,15 +243,14 @@ def eventually() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def make_cluster(service_token: str, tmp_path: Path, serve: Callable[[Flask], Server]) -> Iterator[
-        Callable[..., Cluster]]:
+def make_cluster(pki: Pki, tmp_path: Path, serve: Callable[[Flask], Server]) -> Iterator[Callable[..., Cluster]]:
     """Build a cluster with short liveness settings; everything is stopped after the test."""
     made: list[Cluster] = []
 
     def make(**overrides: Any) -> Cluster:
-        registry = serve(fake_registry())
+        registry = serve(fake_registry(pki))
         settings = ControllerSettings(
-            service_token=service_token, database_url=f"sqlite:///{tmp_path / f'c{len(made)}.db'}",
+            **pki.settings(identity.CONTROLLER), database_url=f"sqlite:///{tmp_path / f'c{len(made)}.db'}",
             lost_after_s=1.0, suspect_after_intervals=3, reconcile_interval_s=0.05, agent_timeout_s=2,
             retry_base_s=0.1, retry_max_s=0.5, **overrides,
         )
@@ -234,7 +260,8 @@ def make_cluster(service_token: str, tmp_path: Path, serve: Callable[[Flask], Se
         loop.controller = controller
         controller.started_at = controller.clock()
         controller.reconciler.start()
-        cluster = Cluster(controller, app, service_token, loop, tmp_path, serve)
+        cluster = Cluster(controller, app, pki, loop, tmp_path, serve, pki.client(app, identity.ADMIN),
+                          signed_session(pki.credential(identity.ADMIN)))
         made.append(cluster)
         return cluster
 
@@ -242,5 +269,21 @@ def make_cluster(service_token: str, tmp_path: Path, serve: Callable[[Flask], Se
     for cluster in made:
         cluster.loop.controller = None
         cluster.controller.reconciler.stop()
+        cluster.http.close()
         for agent in cluster.agents.values():
             parts(agent.app).shutdown()
+
+
+@pytest.fixture
+def on_broker(broker: str, pki: Pki, tmp_path: Path) -> Iterator[tuple[Controller, FlaskClient]]:
+    """A controller following the real broker through its checked consumers (every message's signature checked),
+    and a client calling it as an operator; agents are unreachable (port 9)."""
+    settings = ControllerSettings(**pki.settings(identity.CONTROLLER), ca_key_file=pki.ca_key_file,
+                                  database_url=f"sqlite:///{tmp_path / 'on-broker.db'}", kafka_bootstrap=broker,
+                                  lost_after_s=3600)  # agents made up by a test are not lost while it runs
+    app = create_controller(settings, locate=lambda name: "http://127.0.0.1:9")
+    controller: Controller = app.extensions["controller"]
+    controller.start()
+    assert controller.wait_ready(30)
+    yield controller, pki.client(app, identity.ADMIN)
+    controller.stop()

@@ -26,8 +26,7 @@ class FakeBus:
 
 
 def agents(cluster: Any) -> dict[str, Any]:
-    client = cluster.app.test_client()
-    return client.get("/controller/agents", headers={"Authorization": f"Bearer {cluster.token}"}).json  # type: ignore[no-any-return]
+    return cluster.client.get("/controller/agents").json  # type: ignore[no-any-return]
 
 
 def hold(cluster: Any, seconds: float) -> list[str]:
@@ -98,12 +97,12 @@ def test_the_bus_route_says_whether_loss_decisions_are_suspended(make_cluster: A
     cluster = make_cluster()
     cluster.controller.reconciler.bus = bus = FakeBus()
     bus.answering = False
-    client = cluster.app.test_client()
-    body = client.get("/controller/bus", headers={"Authorization": f"Bearer {cluster.token}"}).json
+    client = cluster.client
+    body = client.get("/controller/bus").json
     deadline = time.monotonic() + 10
     while not body["liveness"]["suspended"] and time.monotonic() < deadline:
         time.sleep(0.05)
-        body = client.get("/controller/bus", headers={"Authorization": f"Bearer {cluster.token}"}).json
+        body = client.get("/controller/bus").json
     assert body["liveness"]["suspended"] and body["liveness"]["cause"] == "bus"
     assert body["broker"] == {"bootstrap": "test:9092", "answering": False, "problem": None, "answered_at": None,
                               "topics": {}, "topics_recreated": 0}

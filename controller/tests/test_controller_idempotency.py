@@ -19,11 +19,10 @@ from miaas.errors import BadRequest
 from miaas.schemas import DeployRequest
 
 
-def post(url: str, token: str, body: dict[str, Any], key: str | None, wait: float = 0) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"}
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    return requests.post(f"{url}/controller/deploy?wait={wait}", json=body, headers=headers, timeout=30)
+def post(url: str, session: requests.Session, body: dict[str, Any], key: str | None,
+         wait: float = 0) -> requests.Response:
+    headers = {"Idempotency-Key": key} if key is not None else {}
+    return session.post(f"{url}/controller/deploy?wait={wait}", json=body, headers=headers, timeout=30)
 
 
 def count(cluster: Any) -> int:
@@ -34,22 +33,22 @@ def test_a_retry_with_the_same_key_returns_the_same_deployment_and_creates_none(
     cluster = make_cluster()
     agent = cluster.add_agent("a")
     url = cluster.serve(cluster.app).url
-    first = post(url, cluster.token, {"model_id": "small"}, '"9b3c7f1e-retry"', wait=10)
+    first = post(url, cluster.http, {"model_id": "small"}, '"9b3c7f1e-retry"', wait=10)
     assert first.status_code == 201, first.text
     # the retry (same key, the same body written otherwise) answers the same deployment, as it is now
-    again = post(url, cluster.token, {"priority": "normal", "model_id": "small"}, '"9b3c7f1e-retry"')
+    again = post(url, cluster.http, {"priority": "normal", "model_id": "small"}, '"9b3c7f1e-retry"')
     assert again.status_code == 201, again.text
     assert again.json()["deployment_id"] == first.json()["deployment_id"]
     assert again.json()["status"] == "running"
     assert count(cluster) == 1
     assert agent.runtime.started == [first.json()["deployment_id"]]
     # a bare token is the same key as the structured-field string
-    assert post(url, cluster.token, {"model_id": "small"}, "9b3c7f1e-retry").json()["deployment_id"] == \
+    assert post(url, cluster.http, {"model_id": "small"}, "9b3c7f1e-retry").json()["deployment_id"] == \
         first.json()["deployment_id"]
     # without a key, or with another, a new deployment
-    assert post(url, cluster.token, {"model_id": "small"}, None).json()["deployment_id"] != \
+    assert post(url, cluster.http, {"model_id": "small"}, None).json()["deployment_id"] != \
         first.json()["deployment_id"]
-    assert post(url, cluster.token, {"model_id": "small"}, '"another"').json()["deployment_id"] != \
+    assert post(url, cluster.http, {"model_id": "small"}, '"another"').json()["deployment_id"] != \
         first.json()["deployment_id"]
     assert count(cluster) == 3
 
@@ -58,9 +57,9 @@ def test_the_same_key_with_another_body_is_a_422_that_says_so(make_cluster: Any)
     cluster = make_cluster()
     cluster.add_agent("a")
     url = cluster.serve(cluster.app).url
-    first = post(url, cluster.token, {"model_id": "small"}, '"k-body"')
+    first = post(url, cluster.http, {"model_id": "small"}, '"k-body"')
     assert first.status_code in (201, 202), first.text
-    other = post(url, cluster.token, {"model_id": "half"}, '"k-body"')
+    other = post(url, cluster.http, {"model_id": "half"}, '"k-body"')
     assert other.status_code == 422, other.text
     error = other.json()["error"]
     assert error["code"] == "idempotency_key_reused"
@@ -74,8 +73,8 @@ def test_the_same_key_with_another_body_is_a_422_that_says_so(make_cluster: Any)
 def test_a_malformed_key_is_a_400(make_cluster: Any, key: str) -> None:
     cluster = make_cluster()
     url = cluster.serve(cluster.app).url
-    headers = {"Authorization": f"Bearer {cluster.token}", "Idempotency-Key": key.encode("utf-8")}
-    resp = requests.post(f"{url}/controller/deploy", json={"model_id": "small"}, headers=headers, timeout=30)
+    headers = {"Idempotency-Key": key.encode("utf-8")}
+    resp = cluster.http.post(f"{url}/controller/deploy", json={"model_id": "small"}, headers=headers, timeout=30)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["code"] == "invalid_idempotency_key"
     assert count(cluster) == 0
@@ -85,11 +84,11 @@ def test_a_key_is_forgotten_once_it_expires(make_cluster: Any) -> None:
     cluster = make_cluster(idempotency_key_ttl_s=0.5)
     cluster.add_agent("a")
     url = cluster.serve(cluster.app).url
-    first = post(url, cluster.token, {"model_id": "small"}, '"k-ttl"').json()
-    assert post(url, cluster.token, {"model_id": "small"}, '"k-ttl"').json()["deployment_id"] == first[
+    first = post(url, cluster.http, {"model_id": "small"}, '"k-ttl"').json()
+    assert post(url, cluster.http, {"model_id": "small"}, '"k-ttl"').json()["deployment_id"] == first[
         "deployment_id"]
     time.sleep(0.6)
-    later = post(url, cluster.token, {"model_id": "half"}, '"k-ttl"')  # expired: even another body is new
+    later = post(url, cluster.http, {"model_id": "half"}, '"k-ttl"')  # expired: even another body is new
     assert later.status_code in (201, 202), later.text
     assert later.json()["deployment_id"] != first["deployment_id"]
     assert count(cluster) == 2
@@ -105,7 +104,7 @@ def test_concurrent_requests_with_one_key_create_exactly_one_deployment(make_clu
 
     def send() -> None:
         go.wait()
-        resp = post(url, cluster.token, {"model_id": "small"}, '"k-race"')
+        resp = post(url, cluster.http, {"model_id": "small"}, '"k-race"')
         with lock:
             answers.append(resp)
 

@@ -1,24 +1,24 @@
 """The controller on the real broker: poison on its topics is counted per reason where a user sees it
-(`GET /controller/bus`), and the good messages after it still reach the agents' view."""
+(`GET /controller/bus`), and the good messages after it still reach the agents' view. The poison is signed by an
+agent, so that it passes the signature check and is refused for what it holds (unsigned messages are refused
+before anything else: test_controller_provenance.py)."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import pytest
 from confluent_kafka import Producer
 from flask.testing import FlaskClient
 
-from controller.app import create_app
 from controller.service import Controller
-from controller.settings import ControllerSettings
 from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS
+from miaas.identity import AGENT, MessageSigner, fixed
+from miaas.testing import Pki
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
@@ -40,36 +40,28 @@ def metrics(agent_id: str, **load: float) -> bytes:
     }).encode()
 
 
-@pytest.fixture
-def running(broker: str, service_token: str, tmp_path: Path) -> Iterator[tuple[Controller, FlaskClient]]:
-    settings = ControllerSettings(service_token=service_token, database_url=f"sqlite:///{tmp_path / 'c.db'}",
-                                  kafka_bootstrap=broker)
-    app = create_app(settings, locate=lambda name: "http://127.0.0.1:9")
-    controller: Controller = app.extensions["controller"]
-    controller.start()
-    assert controller.wait_ready(30)
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {service_token}"
-    yield controller, client
-    controller.stop()
-
-
 def test_poison_is_counted_per_reason_on_the_bus_route_and_good_metrics_still_arrive(
-    broker: str, running: tuple[Controller, FlaskClient]
+    broker: str, pki: Pki, on_broker: tuple[Controller, FlaskClient]
 ) -> None:
-    controller, client = running
+    controller, client = on_broker
     suffix = uuid.uuid4().hex[:6]
     good, bad = f"agent-good-{suffix}", f"agent-bad-{suffix}"
+    signer = {agent: MessageSigner(fixed(pki.credential(agent, AGENT, url="http://127.0.0.1:9")))
+              for agent in (good, bad)}
+
+    def produce(topic: str, agent: str, key: bytes, value: bytes) -> None:
+        producer.produce(topic, key=key, value=value, headers=signer[agent].headers(topic, key, value))
+
     # given a controller following the bus; when poison of every kind lands on both of its topics
     producer = Producer({"bootstrap.servers": broker, "message.max.bytes": 12_000_000})
     for value in [b"{oops", b"[]", metrics(bad).replace(b'"schema_version": 1', b'"schema_version": 7'),
                   metrics(bad, cpu_percent=float("nan")), metrics(bad, memory_percent=-1),
                   b'{"x": "' + b"y" * 10_000_000 + b'"}']:
-        producer.produce(SYSTEM_METRICS, key=bad.encode(), value=value)
+        produce(SYSTEM_METRICS, bad, bad.encode(), value)
         producer.flush(30)  # one at a time: each is the latest of its key in its batch, so each is read
-    producer.produce(DEPLOYMENT_EVENTS, key=b"d-poison", value=b"\x00\x01 not json")
+    produce(DEPLOYMENT_EVENTS, bad, b"d-poison", b"\x00\x01 not json")
     # and then a good metrics message
-    producer.produce(SYSTEM_METRICS, key=good.encode(), value=metrics(good))
+    produce(SYSTEM_METRICS, good, good.encode(), metrics(good))
     producer.flush(30)
     # then the agents' view has the good agent only
     eventually(lambda: [a["agent_id"] for a in client.get("/controller/agents").json["agents"]] == [good],

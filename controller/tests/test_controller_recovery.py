@@ -6,9 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
-
 from controller.store import DeploymentRow
+from miaas.identity import CONTROLLER
 from miaas.schemas import DeploymentStatus
 
 
@@ -25,10 +24,10 @@ def row(deployment_id: str, status: str, agent_id: str | None, **kw: Any) -> Dep
 
 def create_on(cluster: Any, agent_id: str, deployment_id: str, generation: int = 1) -> None:
     """Start a copy on an agent directly, as a command sent before the controller died would have."""
-    resp = requests.post(f"{cluster.agents[agent_id].url}/create-vm", timeout=10,
-                         headers={"Authorization": f"Bearer {cluster.token}"},
-                         json={"deployment_id": deployment_id, "model_id": "small", "version": 1,
-                               "generation": generation})
+    with cluster.session(CONTROLLER) as session:
+        resp = session.post(f"{cluster.agents[agent_id].url}/create-vm", timeout=10,
+                            json={"deployment_id": deployment_id, "model_id": "small", "version": 1,
+                                  "generation": generation})
     assert resp.status_code == 202, resp.text
 
 

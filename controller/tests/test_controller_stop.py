@@ -9,12 +9,12 @@ from controller.app import create_app
 from controller.settings import ControllerSettings
 from controller.store import DeploymentRow
 from miaas.schemas import DeploymentStatus
+from miaas.testing import Pki
 
 
-def test_stop_on_an_unknown_agent_is_a_503_and_the_deployment_keeps_its_state(service_token: str,
-                                                                              tmp_path: Path) -> None:
+def test_stop_on_an_unknown_agent_is_a_503_and_the_deployment_keeps_its_state(pki: Pki, tmp_path: Path) -> None:
     # given a running deployment on an agent this controller has not heard from
-    settings = ControllerSettings(service_token=service_token, database_url=f"sqlite:///{tmp_path / 'c.db'}")
+    settings = ControllerSettings(**pki.settings("controller"), database_url=f"sqlite:///{tmp_path / 'c.db'}")
     app = create_app(settings, locate=lambda name: "http://127.0.0.1:9")
     controller = app.extensions["controller"]
     now = datetime.now(UTC)
@@ -23,20 +23,19 @@ def test_stop_on_an_unknown_agent_is_a_503_and_the_deployment_keeps_its_state(se
         url="http://127.0.0.1:9", reason=None, runtime="process", cpus=1, memory_mb=256, gpus=0, placement=[],
         created_by=None, created_at=now, updated_at=now,
     ))
-    client = app.test_client()
-    headers = {"Authorization": f"Bearer {service_token}"}
+    client = pki.client(app, "admin")
     # when it is stopped
-    resp = client.post("/controller/stop", json={"deployment_id": "d-1"}, headers=headers)
+    resp = client.post("/controller/stop", json={"deployment_id": "d-1"})
     # then the controller says it cannot, and does not pretend
     assert resp.status_code == 503
     assert "ghost" in resp.json["error"]["message"]
     assert controller.store.get("d-1").status == DeploymentStatus.RUNNING
     # and an unknown deployment is a 404
-    assert client.post("/controller/stop", json={"deployment_id": "d-404"}, headers=headers).status_code == 404
+    assert client.post("/controller/stop", json={"deployment_id": "d-404"}).status_code == 404
 
 
-def test_deployments_can_be_filtered_by_model_version_and_activity(service_token: str, tmp_path: Path) -> None:
-    settings = ControllerSettings(service_token=service_token, database_url=f"sqlite:///{tmp_path / 'c.db'}")
+def test_deployments_can_be_filtered_by_model_version_and_activity(pki: Pki, tmp_path: Path) -> None:
+    settings = ControllerSettings(**pki.settings("controller"), database_url=f"sqlite:///{tmp_path / 'c.db'}")
     app = create_app(settings, locate=lambda name: "http://127.0.0.1:9")
     store = app.extensions["controller"].store
     now = datetime.now(UTC)
@@ -47,11 +46,10 @@ def test_deployments_can_be_filtered_by_model_version_and_activity(service_token
             reason=None, runtime="process", cpus=1, memory_mb=256, gpus=0, placement=[], created_by=None,
             created_at=now, updated_at=now,
         ))
-    client = app.test_client()
-    headers = {"Authorization": f"Bearer {service_token}"}
+    client = pki.client(app, "model-registry")  # the registry asks whether a version is in use
 
     def ids(qs: str) -> set[str]:
-        resp = client.get(f"/controller/deployments?{qs}", headers=headers)
+        resp = client.get(f"/controller/deployments?{qs}")
         assert resp.status_code == 200, resp.json
         return {d["deployment_id"] for d in resp.json["deployments"]}
 
@@ -59,4 +57,4 @@ def test_deployments_can_be_filtered_by_model_version_and_activity(service_token
     assert ids("model_id=m-1") == {"d-0", "d-1", "d-2"}
     assert ids("status=provisioning") == {"d-3"}
     assert ids("active=true") == {"d-0", "d-2", "d-3"}
-    assert client.get("/controller/deployments?version=0", headers=headers).status_code == 400
+    assert client.get("/controller/deployments?version=0").status_code == 400
