@@ -43,8 +43,25 @@ class Signer(AuthBase):
             else identity.UNSIGNED_PAYLOAD
         r.headers["Host"] = host
         r.headers.update(identity.sign_request(self.credential(), str(r.method), r.path_url, host, digest,
-                                               time.time()))
+                                               time.time(), user=r.headers.get("X-MIaaS-User")))
         return r
+
+
+class SignedSession(requests.Session):
+    """A session that signs every request as one identity, redirected ones too (a signature covers one target:
+    requests would otherwise send the first request's headers to the redirect's target, and be refused)."""
+
+    def __init__(self, credential: identity.Credential | identity.CredentialSource) -> None:
+        super().__init__()
+        self.auth = Signer(credential_source(credential))
+        self.trust_env = False  # a proxy from the environment would see (and could replay) our requests
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        super().rebuild_auth(prepared_request, response)
+        for name in (identity.CERT_HEADER, identity.SIGNATURE_HEADER, "Host"):
+            prepared_request.headers.pop(name, None)
+        assert isinstance(self.auth, Signer)
+        self.auth(prepared_request)
 
 
 def credential_source(credential: identity.Credential | identity.CredentialSource) -> identity.CredentialSource:
@@ -60,9 +77,7 @@ class ServiceClient:
                  timeout: float = 10.0, user: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        self.session = requests.Session()
-        self.session.auth = Signer(credential_source(credential))
-        self.session.trust_env = False  # a proxy from the environment would see (and could replay) our requests
+        self.session = SignedSession(credential)
         if user:
             self.session.headers["X-MIaaS-User"] = user
 

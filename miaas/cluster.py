@@ -26,7 +26,7 @@ import requests
 
 from miaas import identity
 from miaas.bus import ensure_topics
-from miaas.client import Signer
+from miaas.client import SignedSession
 
 DEFAULT_PORTS = {"broker": 9092, "service-registry": 8500, "model-registry": 8510, "controller": 8520, "frontend": 8080}
 AGENT_BASE_PORT = 8530
@@ -157,10 +157,7 @@ class LocalCluster:
 
     def session(self, credential: identity.Credential | None = None) -> requests.Session:
         """A requests session whose every request is signed as `credential` (default: the admin)."""
-        s = requests.Session()
-        s.auth = Signer(identity.fixed(credential or self.admin))
-        s.trust_env = False
-        return s
+        return SignedSession(credential or self.admin)
 
     @property
     def admin_password(self) -> str:

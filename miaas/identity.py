@@ -328,9 +328,11 @@ CERT_HEADER = "X-MIaaS-Certificate"
 SIGNATURE_HEADER = "X-MIaaS-Signature"  # ts=<unix seconds>,nonce=<hex>,body=<sha256 hex|UNSIGNED-PAYLOAD>,sig=<b64>
 
 
-def request_string(method: str, target: str, host: str, ts: str, nonce: str, body: str) -> bytes:
-    """The bytes a request signature covers."""
-    return "\n".join(("miaas-request-v1", method.upper(), target, host.lower(), ts, nonce, body)).encode()
+def request_string(method: str, target: str, host: str, ts: str, nonce: str, body: str,
+                   user: str | None = None) -> bytes:
+    """The bytes a request signature covers (`user`: the X-MIaaS-User header, the person the portal acts for)."""
+    return "\n".join(("miaas-request-v1", method.upper(), target, host.lower(), ts, nonce, body,
+                      "" if user is None else f"user:{user}")).encode()
 
 
 def body_digest(body: bytes | str | None) -> str:
@@ -342,10 +344,11 @@ def body_digest(body: bytes | str | None) -> str:
 
 
 def sign_request(credential: Credential, method: str, target: str, host: str, body_hash: str,
-                 now: float) -> dict[str, str]:
-    """The headers that authenticate one request (target: path plus `?query` as sent)."""
+                 now: float, *, user: str | None = None) -> dict[str, str]:
+    """The headers that authenticate one request (target: path plus `?query` as sent; `user`: the X-MIaaS-User
+    header sent with it, covered too, so nobody on the path can change whom the portal acts for)."""
     ts, nonce = f"{now:.3f}", secrets.token_hex(12)
-    sig = credential.sign(request_string(method, target, host, ts, nonce, body_hash))
+    sig = credential.sign(request_string(method, target, host, ts, nonce, body_hash, user))
     return {CERT_HEADER: credential.token, SIGNATURE_HEADER: f"ts={ts},nonce={nonce},body={body_hash},sig={sig}"}
 
 
@@ -391,6 +394,7 @@ class NonceCache:
 def check_request(
     verifier: Verifier, nonces: NonceCache, *, cert_token: str | None, signature: str | None, method: str,
     target: str, host: str, body: Callable[[], bytes] | None, now: float, max_skew_s: float = MAX_SKEW_S,
+    user: str | None = None,
 ) -> Certificate:
     """The caller's certificate when the request is genuinely signed by it, fresh and not replayed; else Refused.
 
@@ -407,7 +411,7 @@ def check_request(
     elif body is not None and parsed.body != body_digest(body()):
         raise Refused(BAD_SIGNATURE, "the body is not the one signed")
     verify_signature(cert, parsed.sig, request_string(method, target, host, f"{parsed.ts:.3f}", parsed.nonce,
-                                                      parsed.body))
+                                                      parsed.body, user))
     if not nonces.first_use(f"{cert.serial}:{parsed.nonce}", now):
         raise Refused(REPLAYED, "this signed request was already received")
     return cert

@@ -96,7 +96,11 @@ def run_service(
     app.config["PUBLIC_URL"] = public_url
     trust = app.extensions["miaas_trust"]  # set by every service's create_app (miaas.trust.Trust)
     if on_start is not None:
-        on_start(public_url)  # an agent joins the cluster here, once its URL is known
+        try:
+            on_start(public_url)  # an agent joins the cluster here, once its URL is known
+        except BaseException:
+            server.close()  # its worker threads would keep the process alive
+            raise
     trust.start()
     registration = None
     if settings.service_registry_url:

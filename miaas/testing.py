@@ -74,7 +74,7 @@ class SigningClient(FlaskClient):
         path = (env.get("RAW_URI") or env.get("REQUEST_URI") or env["PATH_INFO"]).partition("?")[0]
         target = path + (f"?{query}" if query else "")
         headers = sign_request(self.credential, env["REQUEST_METHOD"], target, env.get("HTTP_HOST", ""),
-                               body_digest(body), time.time())
+                               body_digest(body), time.time(), user=env.get("HTTP_X_MIAAS_USER"))
         for name, value in headers.items():
             env["HTTP_" + name.upper().replace("-", "_")] = value
         return req

@@ -306,7 +306,8 @@ class ServiceAuth:
             return identity.check_request(
                 self.verifier, self.nonces, cert_token=request.headers.get(identity.CERT_HEADER),
                 signature=request.headers.get(identity.SIGNATURE_HEADER), method=request.method, target=target,
-                host=request.headers.get("Host", ""), body=body, now=time.time(), max_skew_s=self.max_skew_s)
+                host=request.headers.get("Host", ""), body=body, now=time.time(), max_skew_s=self.max_skew_s,
+                user=request.headers.get(USER_HEADER))
         except identity.Refused as exc:
             with self._lock:
                 self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
@@ -319,7 +320,7 @@ def create_service_app(
 ) -> Flask:
     """A Flask app with public /health and /openapi.json, every other route signed by an allowed role, JSON errors."""
     apis = list(apis)
-    app = Flask(import_name)
+    app = Flask(import_name, static_folder=None)  # no /static route: every route of a service names its roles
     app.config["SERVICE_NAME"] = name
     app.extensions["miaas_auth"] = auth
     install_errors(app)

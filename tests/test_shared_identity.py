@@ -124,3 +124,21 @@ def test_credential_and_ca_files_round_trip(tmp_path) -> None:  # type: ignore[n
     cred.save(tmp_path / "mr.json")
     loaded = Credential.load(tmp_path / "mr.json")
     assert Verifier(load_ca_public(tmp_path / "ca.json")).certificate(loaded.token, NOW).subject == "model-registry"
+
+
+def test_the_person_the_portal_acts_for_is_covered_by_the_signature() -> None:
+    ca = CertificateAuthority.generate()
+    portal = ca.credential("frontend", "frontend", now=NOW)
+    verifier = Verifier(ca.public_key)
+    headers = sign_request(portal, "GET", "/registry/models", "mr:8510", body_digest(b""), NOW, user="alice")
+
+    def check(user: str | None) -> str:
+        return check_request(verifier, NonceCache(), cert_token=headers["X-MIaaS-Certificate"],
+                             signature=headers["X-MIaaS-Signature"], method="GET", target="/registry/models",
+                             host="mr:8510", body=lambda: b"", now=NOW, user=user).subject
+
+    assert check("alice") == "frontend"
+    for changed in ("mallory", None):  # someone on the path naming another person, or dropping the header
+        with pytest.raises(Refused) as refused:
+            check(changed)
+        assert refused.value.reason == BAD_SIGNATURE
