@@ -60,8 +60,6 @@ TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("DELETE", "/registry/models/<model_id>/aliases/<alias>"): WRITE,
 }
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json")}
-# Flask's own route for the app's static folder; the registry has none, so it serves nothing (see its test).
-FLASK_STATIC = ("GET", "/static/<path:filename>")
 STREAMED = {("POST", "/registry/upload-and-validate")}
 SAMPLE = {"model_id": "iris", "version": 1, "path": "app.py", "alias": "production", "filename": "app.py"}
 
@@ -93,7 +91,7 @@ def _url(built: str) -> str:
 
 
 def guarded(app: Flask) -> list[Route]:
-    return [r for r in routes(app) if (r[0], r[1]) not in PUBLIC | {FLASK_STATIC}]
+    return [r for r in routes(app) if (r[0], r[1]) not in PUBLIC]
 
 
 def send(app: Flask, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"") -> TestResponse:
@@ -116,7 +114,7 @@ def refusal(answer: TestResponse) -> tuple[int, str | None]:
 
 def test_every_route_is_in_the_authorisation_table(app: Flask) -> None:
     found = {(method, rule) for method, rule, _ in routes(app)}
-    assert found == set(TABLE) | PUBLIC | {FLASK_STATIC}
+    assert found == set(TABLE) | PUBLIC  # no Flask /static route either: every route names its roles
 
 
 def test_the_public_routes_answer_anyone(app: Flask) -> None:
@@ -125,9 +123,7 @@ def test_the_public_routes_answer_anyone(app: Flask) -> None:
 
 
 @pytest.mark.parametrize("name", ["app.py", "../app.py", "%2e%2e/app.py", "../../../conftest.py"])
-def test_flasks_static_route_serves_nothing(app: Flask, name: str) -> None:
-    """It is not the registry's (no route of the registry is unguarded): no static folder, so every file is a 404."""
-    assert not Path(app.root_path, "static").exists()
+def test_there_is_no_static_route(app: Flask, name: str) -> None:
     assert send(app, "GET", f"/static/{name}").status_code == 404
 
 
