@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
+from miaas.client import Signer
 from miaas.cluster import LocalCluster
+from miaas.identity import fixed
 from miaas.package import pack_model
 
 pytestmark = pytest.mark.e2e
@@ -42,12 +44,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         c.stop()
 
 
-def auth(c: LocalCluster) -> dict[str, str]:
-    return {"Authorization": f"Bearer {c.token}"}
+def auth(c: LocalCluster) -> Signer:
+    """Sign a request as the cluster's admin."""
+    return Signer(fixed(c.admin))
 
 
 def get(c: LocalCluster, path: str) -> Any:
-    resp = requests.get(f"{c.url('controller')}{path}", headers=auth(c), timeout=10)
+    resp = requests.get(f"{c.url('controller')}{path}", auth=auth(c), timeout=10)
     resp.raise_for_status()
     return resp.json()
 
@@ -67,7 +70,7 @@ def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
 
 
 def deploy(c: LocalCluster, model_id: str, wait: float = 300) -> dict[str, Any]:
-    resp = requests.post(f"{c.url('controller')}/controller/deploy?wait={wait}", headers=auth(c),
+    resp = requests.post(f"{c.url('controller')}/controller/deploy?wait={wait}", auth=auth(c),
                          json={"model_id": model_id}, timeout=wait + 30)
     assert resp.status_code in (201, 202), resp.text
     return resp.json()  # type: ignore[no-any-return]
@@ -116,7 +119,7 @@ def test_a_broker_restarted_empty_loses_no_agent_and_moves_nothing(cluster: Loca
     # given the example running on one of two agents
     package = pack_model(ROOT / "examples" / "iris", tmp_path / "iris.zip")
     resp = requests.post(
-        f"{cluster.url('model-registry')}/registry/upload-and-validate", headers=auth(cluster),
+        f"{cluster.url('model-registry')}/registry/upload-and-validate", auth=auth(cluster),
         data={"model_name": "iris-outage"}, files={"file": ("iris.zip", package.read_bytes(), "application/zip")},
         timeout=60,
     )
@@ -154,6 +157,6 @@ def test_a_broker_restarted_empty_loses_no_agent_and_moves_nothing(cluster: Loca
     assert fresh["status"] == "running", fresh
     assert predicts(fresh["url"])
     for x in (d, fresh):
-        resp = requests.post(f"{cluster.url('controller')}/controller/stop", headers=auth(cluster),
+        resp = requests.post(f"{cluster.url('controller')}/controller/stop", auth=auth(cluster),
                              json={"deployment_id": x["deployment_id"]}, timeout=60)
         assert resp.status_code == 200, resp.text

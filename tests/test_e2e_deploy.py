@@ -22,8 +22,11 @@ from confluent_kafka import Consumer, TopicPartition
 from controller.app import create_app as create_controller
 from controller.settings import ControllerSettings
 from miaas.bus import DEPLOYMENT_EVENTS
+from miaas.client import Signer
 from miaas.cluster import LocalCluster
+from miaas.identity import fixed
 from miaas.package import pack_model
+from miaas.testing import SigningClient
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,20 +52,21 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pack_model(ROOT / "examples" / "iris", tmp_path_factory.mktemp("pkg") / "iris.zip")
 
 
-def auth(c: LocalCluster) -> dict[str, str]:
-    return {"Authorization": f"Bearer {c.token}"}
+def auth(c: LocalCluster) -> Signer:
+    """Sign a request as the cluster's admin."""
+    return Signer(fixed(c.admin))
 
 
 def upload(c: LocalCluster, name: str, data: bytes) -> requests.Response:
     return requests.post(
-        f"{c.url('model-registry')}/registry/upload-and-validate", headers=auth(c),
+        f"{c.url('model-registry')}/registry/upload-and-validate", auth=auth(c),
         data={"model_name": name}, files={"file": ("model.zip", data, "application/zip")}, timeout=60,
     )
 
 
 def wait_for_agents(c: LocalCluster, n: int) -> list[dict]:  # type: ignore[type-arg]
     for _ in range(300):
-        agents = requests.get(f"{c.url('controller')}/controller/agents", headers=auth(c), timeout=5).json()["agents"]
+        agents = requests.get(f"{c.url('controller')}/controller/agents", auth=auth(c), timeout=5).json()["agents"]
         if sum(a["state"] == "alive" for a in agents) >= n:
             return agents  # type: ignore[no-any-return]
         time.sleep(0.1)
@@ -99,10 +103,10 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     assert uploaded.status_code == 201, uploaded.text
     model = uploaded.json()["model"]
     aliased = requests.put(f"{cluster.url('model-registry')}/registry/models/iris/aliases/production",
-                           headers=auth(cluster), json={"version": model["version"]}, timeout=10)
+                           auth=auth(cluster), json={"version": model["version"]}, timeout=10)
     assert aliased.status_code == 200, aliased.text
     deployed = requests.post(
-        f"{cluster.url('controller')}/controller/deploy?wait=300", headers=auth(cluster),
+        f"{cluster.url('controller')}/controller/deploy?wait=300", auth=auth(cluster),
         json={"model_id": "iris", "alias": "production"}, timeout=320,
     )
 
@@ -120,14 +124,14 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     # the registry refuses to delete the version while the controller says it is deployed
     registry = cluster.url("model-registry")
     version_url = f"{registry}/registry/models/iris/versions/{model['version']}"
-    assert requests.delete(f"{registry}/registry/models/iris/aliases/production", headers=auth(cluster),
+    assert requests.delete(f"{registry}/registry/models/iris/aliases/production", auth=auth(cluster),
                            timeout=10).status_code == 204
-    in_use = requests.delete(version_url, headers=auth(cluster), timeout=30)
+    in_use = requests.delete(version_url, auth=auth(cluster), timeout=30)
     assert in_use.status_code == 409, in_use.text
     assert d["deployment_id"] in in_use.json()["error"]["message"]
 
     # when it is stopped, its URL stops answering
-    stopped = requests.post(f"{cluster.url('controller')}/controller/stop", headers=auth(cluster),
+    stopped = requests.post(f"{cluster.url('controller')}/controller/stop", auth=auth(cluster),
                             json={"deployment_id": d["deployment_id"]}, timeout=60)
     assert stopped.status_code == 200, stopped.text
     assert stopped.json()["status"] == "stopped"
@@ -139,8 +143,8 @@ def test_upload_deploy_predict_stop(cluster: LocalCluster, package: Path, broker
     assert seen[:2] == ["provisioning", "running"] and seen[-1] == "stopped", seen
 
     # once stopped, the version can be deleted for good
-    assert requests.delete(version_url, headers=auth(cluster), timeout=30).status_code == 204
-    assert requests.get(version_url + "/files", headers=auth(cluster), timeout=10).status_code == 404
+    assert requests.delete(version_url, auth=auth(cluster), timeout=30).status_code == 204
+    assert requests.get(version_url + "/files", auth=auth(cluster), timeout=10).status_code == 404
 
 
 def zip_without(package: Path, missing: str) -> bytes:
@@ -161,7 +165,7 @@ def test_a_package_missing_a_required_file_is_refused_by_name(cluster: LocalClus
 
 
 def test_deploying_an_unknown_model_is_a_404(cluster: LocalCluster) -> None:
-    resp = requests.post(f"{cluster.url('controller')}/controller/deploy", headers=auth(cluster),
+    resp = requests.post(f"{cluster.url('controller')}/controller/deploy", auth=auth(cluster),
                          json={"model_id": "m-does-not-exist"}, timeout=30)
     assert resp.status_code == 404, resp.text
     assert "m-does-not-exist" in resp.json()["error"]["message"]
@@ -171,11 +175,14 @@ def test_no_live_agent_means_pending_with_the_reason(cluster: LocalCluster, pack
                                                       broker: str) -> None:
     # given a model in the registry and a controller that has seen no agent
     model = upload(cluster, "iris-lonely", package.read_bytes()).json()["model"]
-    settings = ControllerSettings(service_token=cluster.token, kafka_bootstrap=broker,
-                                  database_url=f"sqlite:///{tmp_path / 'c.db'}")
+    assert cluster.pki is not None
+    settings = ControllerSettings(ca_file=cluster.pki.ca_file, credential_file=cluster.pki.credentials["controller"],
+                                  kafka_bootstrap=broker, database_url=f"sqlite:///{tmp_path / 'c.db'}")
     app = create_controller(settings, locate=lambda name: cluster.url(name))
+    app.test_client_class = SigningClient
     client = app.test_client()
-    resp = client.post("/controller/deploy", json={"model_id": model["model_id"]}, headers=auth(cluster))
+    client.credential = cluster.admin
+    resp = client.post("/controller/deploy", json={"model_id": model["model_id"]})
     # then it is accepted and waits in the queue, saying why
     assert resp.status_code == 202
     assert resp.json["status"] == "pending"
@@ -229,7 +236,7 @@ def test_the_portal_flow_login_upload_deploy_predict_stop(cluster: LocalCluster,
     # then the deployments page shows it running with its URL, which answers predictions
     for _ in range(600):
         d = requests.get(f"{cluster.url('controller')}/controller/deployments/{deployment_id}",
-                         headers=auth(cluster), timeout=10).json()
+                         auth=auth(cluster), timeout=10).json()
         if d["status"] in ("running", "failed"):
             break
         time.sleep(0.5)

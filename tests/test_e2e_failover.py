@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
+from miaas.client import Signer
 from miaas.cluster import LocalCluster
+from miaas.identity import fixed
 from miaas.package import pack_model
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +49,7 @@ def cluster(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
 def model_id(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     package = pack_model(ROOT / "examples" / "iris", tmp_path_factory.mktemp("pkg") / "iris.zip")
     resp = requests.post(
-        f"{cluster.url('model-registry')}/registry/upload-and-validate", headers=auth(cluster),
+        f"{cluster.url('model-registry')}/registry/upload-and-validate", auth=auth(cluster),
         data={"model_name": "iris-failover"}, files={"file": ("iris.zip", package.read_bytes(), "application/zip")},
         timeout=60,
     )
@@ -55,8 +57,9 @@ def model_id(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
     return str(resp.json()["model"]["model_id"])
 
 
-def auth(c: LocalCluster) -> dict[str, str]:
-    return {"Authorization": f"Bearer {c.token}"}
+def auth(c: LocalCluster) -> Signer:
+    """Sign a request as the cluster's admin."""
+    return Signer(fixed(c.admin))
 
 
 def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
@@ -74,14 +77,14 @@ def eventually(check: Callable[[], T | None], timeout: float, what: str) -> T:
 
 
 def deployment(c: LocalCluster, deployment_id: str) -> dict[str, Any]:
-    resp = requests.get(f"{c.url('controller')}/controller/deployments/{deployment_id}", headers=auth(c), timeout=10)
+    resp = requests.get(f"{c.url('controller')}/controller/deployments/{deployment_id}", auth=auth(c), timeout=10)
     resp.raise_for_status()
     return resp.json()  # type: ignore[no-any-return]
 
 
 def on_agent(c: LocalCluster, agent: str) -> dict[str, dict[str, Any]]:
     """What an agent itself says it holds."""
-    resp = requests.get(f"{c.url(agent)}/deployments", headers=auth(c), timeout=10)
+    resp = requests.get(f"{c.url(agent)}/deployments", auth=auth(c), timeout=10)
     resp.raise_for_status()
     return {d["deployment_id"]: d for d in resp.json()["deployments"]}
 
@@ -93,7 +96,7 @@ def live_copies(c: LocalCluster, deployment_id: str) -> list[str]:
 
 
 def deploy(c: LocalCluster, model_id: str, wait: float = 300) -> dict[str, Any]:
-    resp = requests.post(f"{c.url('controller')}/controller/deploy?wait={wait}", headers=auth(c),
+    resp = requests.post(f"{c.url('controller')}/controller/deploy?wait={wait}", auth=auth(c),
                          json={"model_id": model_id}, timeout=wait + 30)
     assert resp.status_code in (201, 202), resp.text
     return resp.json()  # type: ignore[no-any-return]
@@ -105,7 +108,7 @@ def predicts(url: str) -> bool:
 
 
 def stop(c: LocalCluster, deployment_id: str) -> None:
-    resp = requests.post(f"{c.url('controller')}/controller/stop", headers=auth(c),
+    resp = requests.post(f"{c.url('controller')}/controller/stop", auth=auth(c),
                          json={"deployment_id": deployment_id}, timeout=60)
     assert resp.status_code == 200, resp.text
 
@@ -179,7 +182,7 @@ def test_a_controller_killed_mid_deploy_converges_after_restart(cluster: LocalCl
         assert eventually(lambda d=d, final=final: live_copies(cluster, d["deployment_id"]) == [final["agent_id"]],
                           60, f"{d['deployment_id']} to run on exactly one agent")
         assert predicts(final["url"])
-    listed = requests.get(f"{cluster.url('controller')}/controller/deployments?active=true", headers=auth(cluster),
+    listed = requests.get(f"{cluster.url('controller')}/controller/deployments?active=true", auth=auth(cluster),
                           timeout=10).json()["deployments"]
     assert {x["deployment_id"] for x in listed} == {running["deployment_id"], asked["deployment_id"]}
     for d in (running, asked):

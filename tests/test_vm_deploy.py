@@ -27,7 +27,9 @@ import requests
 from agent.nfsdev import DevNfsServer
 from agent.runtimes.vagrant_driver import vagrant_env
 from agent.vmhost import INSTALL, LibvirtDaemons, missing_packages
+from miaas.client import Signer
 from miaas.cluster import LocalCluster
+from miaas.identity import fixed
 from miaas.package import pack_model
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
@@ -105,8 +107,9 @@ def cluster(broker: str, vm_host: Path, tmp_path_factory: pytest.TempPathFactory
             print(f"NFS server log (tail):\n{nfs.log_tail(10)}")
 
 
-def auth(c: LocalCluster) -> dict[str, str]:
-    return {"Authorization": f"Bearer {c.token}"}
+def auth(c: LocalCluster) -> Signer:
+    """Sign a request as the cluster's admin."""
+    return Signer(fixed(c.admin))
 
 
 def diagnostics(c: LocalCluster, deployment_id: str | None) -> str:
@@ -115,7 +118,7 @@ def diagnostics(c: LocalCluster, deployment_id: str | None) -> str:
     if deployment_id:
         try:
             parts.append(requests.get(f"{c.url('agent-1')}/deployments/{deployment_id}/logs", params={"tail": 200},
-                                      headers=auth(c), timeout=30).text)
+                                      auth=auth(c), timeout=30).text)
         except requests.RequestException as exc:
             parts.append(f"(no deployment log: {exc})")
         console = c.state_dir / "agent-1" / deployment_id / "console.log"
@@ -202,27 +205,27 @@ def test_a_model_is_deployed_into_a_real_vm_answers_logs_and_is_destroyed(cluste
     try:
         # given the iris example in the model registry and an agent that offers the vagrant runtime
         package = pack_model(ROOT / "examples" / "iris", tmp_path / "iris.zip")
-        uploaded = requests.post(f"{cluster.url('model-registry')}/registry/upload-and-validate", headers=auth(cluster),
+        uploaded = requests.post(f"{cluster.url('model-registry')}/registry/upload-and-validate", auth=auth(cluster),
                                  data={"model_name": "iris-vm"},
                                  files={"file": ("iris.zip", package.read_bytes(), "application/zip")}, timeout=60)
         assert uploaded.status_code == 201, uploaded.text
         model = uploaded.json()["model"]
         for _ in range(300):
-            agents = requests.get(f"{cluster.url('controller')}/controller/agents", headers=auth(cluster),
+            agents = requests.get(f"{cluster.url('controller')}/controller/agents", auth=auth(cluster),
                                   timeout=10).json()["agents"]
             if any(a["state"] == "alive" and "vagrant" in a["runtimes"] for a in agents):
                 break
             time.sleep(0.2)
 
         # when it is deployed through the controller with the vagrant runtime
-        deployed = requests.post(f"{cluster.url('controller')}/controller/deploy", headers=auth(cluster),
+        deployed = requests.post(f"{cluster.url('controller')}/controller/deploy", auth=auth(cluster),
                                  json={"model_id": model["model_id"], "runtime": "vagrant"}, timeout=60)
         assert deployed.status_code in (201, 202), deployed.text
         deployment_id = deployed.json()["deployment_id"]
         deadline = time.monotonic() + DEPLOY_DEADLINE_S
         while True:
             d = requests.get(f"{cluster.url('controller')}/controller/deployments/{deployment_id}",
-                             headers=auth(cluster), timeout=10).json()
+                             auth=auth(cluster), timeout=10).json()
             if d["status"] in ("running", "failed") or time.monotonic() > deadline:
                 break
             time.sleep(2)
@@ -239,11 +242,11 @@ def test_a_model_is_deployed_into_a_real_vm_answers_logs_and_is_destroyed(cluste
 
         # and the agent's logs show the provisioning and the model's own output (from inside the VM)
         logs_url = f"{cluster.url('agent-1')}/deployments/{deployment_id}/logs"
-        logs = requests.get(logs_url, params={"tail": 300}, headers=auth(cluster), timeout=30).text
+        logs = requests.get(logs_url, params={"tail": 300}, auth=auth(cluster), timeout=30).text
         assert "Running provisioner: miaas" in logs and "installing the wheels of requirements.txt" in logs
         assert "iris model: 3 classes, 4 features, starting on port 5000" in logs, logs
         assert "waitress Serving on http://0.0.0.0:5000" in logs, logs
-        followed = requests.get(logs_url, params={"tail": 5, "follow": "true", "max_s": 3}, headers=auth(cluster),
+        followed = requests.get(logs_url, params={"tail": 5, "follow": "true", "max_s": 3}, auth=auth(cluster),
                                 timeout=30, stream=True)
         assert "waitress Serving on" in followed.text
         print(f"deployed and answering after {up_after:.0f} s")
@@ -276,7 +279,7 @@ def test_a_model_is_deployed_into_a_real_vm_answers_logs_and_is_destroyed(cluste
         assert again.status_code == 200 and again.json()["predictions"] == ["setosa"]  # still served
 
         # when it is stopped through the controller
-        stopped = requests.post(f"{cluster.url('controller')}/controller/stop", headers=auth(cluster),
+        stopped = requests.post(f"{cluster.url('controller')}/controller/stop", auth=auth(cluster),
                                 json={"deployment_id": deployment_id}, timeout=120)
 
         # then the VM is gone: virsh no longer lists it, its URL no longer answers
