@@ -21,9 +21,14 @@ esac
 command -v python3 >/dev/null || { echo "error: python3 is missing: apt-get install -y python3 python3-venv" >&2; exit 1; }
 python3 -c 'import venv, ensurepip' 2>/dev/null || { echo "error: python3-venv is missing: apt-get install -y python3-venv" >&2; exit 1; }
 [ -f "$env_file" ] || { echo "error: $env_file not found; copy .env.example there and fill it in" >&2; exit 1; }
-if grep -qE '^(MIAAS_SERVICE_TOKEN|FRONTEND_SECRET_KEY|FRONTEND_ADMIN_PASSWORD)=(|change-me.*)$' "$env_file"; then
+if grep -qE '^(FRONTEND_SECRET_KEY|FRONTEND_ADMIN_PASSWORD)=(|change-me.*)$' "$env_file"; then
   echo "error: $env_file still has an empty or placeholder secret" >&2; exit 1
 fi
+ca_file=$(sed -n 's/^MIAAS_CA_FILE=//p' "$env_file" | tail -n1)
+[ -n "$ca_file" ] && [ -f "$ca_file" ] || {
+  echo "error: MIAAS_CA_FILE in $env_file must name the cluster CA's public key (ca.json from make up or the installer)" >&2
+  exit 1
+}
 chmod 600 "$env_file"
 
 # A restarted agent finds its VMs again: their port forwarders (ssh processes vagrant-libvirt started) must outlive

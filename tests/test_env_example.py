@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings
 from agent.settings import AgentSettings
 from controller.settings import ControllerSettings
 from frontend.settings import FrontendSettings
+from miaas.cluster import Pki
 from model_registry.settings import ModelRegistrySettings
 from service_registry.settings import ServiceRegistrySettings
 
@@ -44,19 +45,23 @@ def test_every_setting_is_in_env_example(cls: type[BaseSettings]) -> None:
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
-def test_the_example_with_secrets_filled_in_is_valid(cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch,
-                                                     tmp_path: Path) -> None:
-    monkeypatch.chdir(tmp_path)  # no stray .env
+def test_the_example_with_secrets_and_identities_made_is_valid(cls: type[BaseSettings],
+                                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env; the example's relative .miaas/pki paths land here
+    Pki.ensure(tmp_path / ".miaas" / "pki")  # what `make up` makes
     for key, value in example().items():
         monkeypatch.setenv(key, value)
-    for key in ("MIAAS_SERVICE_TOKEN", "FRONTEND_SECRET_KEY"):
-        monkeypatch.setenv(key, secrets.token_hex(32))
+    monkeypatch.setenv("FRONTEND_SECRET_KEY", secrets.token_hex(32))
     monkeypatch.setenv("FRONTEND_ADMIN_PASSWORD", secrets.token_urlsafe(16))
     cls()
 
 
-def test_without_the_service_token_no_service_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_without_its_identity_no_service_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MIAAS_SERVICE_TOKEN", raising=False)
-    with pytest.raises(ValueError, match="service_token"):
+    for key in ("MIAAS_CA_FILE", "CONTROLLER_CREDENTIAL_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="ca_file"):
+        ControllerSettings()  # type: ignore[call-arg]
+    monkeypatch.setenv("MIAAS_CA_FILE", str(tmp_path / "nowhere.json"))
+    with pytest.raises(ValueError, match="does not exist"):
         ControllerSettings()  # type: ignore[call-arg]
