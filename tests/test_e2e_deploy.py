@@ -199,7 +199,8 @@ def test_no_live_agent_means_pending_with_the_reason(cluster: LocalCluster, pack
 def test_unauthenticated_calls_are_refused(cluster: LocalCluster, service: str, method: str, path: str) -> None:
     resp = getattr(requests, method)(f"{cluster.url(service)}{path}", timeout=10)
     assert resp.status_code == 401
-    assert resp.json()["error"]["code"] == "unauthorized"
+    assert resp.json()["error"]["code"] == "unauthenticated"
+    assert resp.json()["error"]["details"]["reason"] == "unsigned"
     assert requests.get(f"{cluster.url(service)}/health", timeout=10).status_code == 200
 
 
