@@ -39,6 +39,8 @@ from frontend.app import close_app
 from frontend.app import create_app as create_portal
 from frontend.settings import FrontendSettings
 from miaas.bus import MemoryBus
+from miaas.client import SignedSession
+from miaas.cluster import Pki
 from miaas.schemas import AgentCapacity, AgentLoad, AgentMetrics, DeploymentReport, DeploymentStatus
 from miaas.serve import Server
 from model_registry.app import create_app as create_registry
@@ -121,18 +123,20 @@ def measure(get: Callable[[], requests.Response], n: int) -> tuple[list[float], 
     return latencies, size
 
 
-def serve_registry(token: str, root: Path, ready: Queue[str], stop: Event) -> None:
+def serve_registry(pki: Pki, root: Path, ready: Queue[str], stop: Event) -> None:
     """The model registry with 10,000 models, in a process of its own as in production."""
     app = create_registry(ModelRegistrySettings(
-        service_token=token, model_store=root / "models", database_url=f"sqlite:///{root / 'registry.db'}"),
+        ca_file=pki.ca_file, credential_file=pki.credentials["model-registry"], model_store=root / "models",
+        database_url=f"sqlite:///{root / 'registry.db'}"),
         MemoryBus())
     fill_registry(app, MODELS)
     run_until(Server(app).start(), ready, stop)
 
 
-def serve_controller(token: str, root: Path, ready: Queue[str], stop: Event) -> None:
+def serve_controller(pki: Pki, root: Path, ready: Queue[str], stop: Event) -> None:
     """The controller with 1,000 agents in its view, in a process of its own."""
-    app = create_controller(ControllerSettings(service_token=token, database_url=f"sqlite:///{root / 'controller.db'}"),
+    app = create_controller(ControllerSettings(ca_file=pki.ca_file, credential_file=pki.credentials["controller"],
+                                               database_url=f"sqlite:///{root / 'controller.db'}"),
                             locate=lambda name: "http://127.0.0.1:9")
     fill_controller(app, AGENTS, random.Random(6))
     run_until(Server(app).start(), ready, stop)
@@ -148,9 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per page")
     args = parser.parse_args()
-    token = secrets.token_hex(32)
     with tempfile.TemporaryDirectory(prefix="bench-portal-") as tmp:
         root = Path(tmp)
+        pki = Pki.ensure(root / "pki")
         started = time.perf_counter()
         mp = multiprocessing.get_context("fork")
         stop = mp.Event()
@@ -158,13 +162,14 @@ def main() -> None:
         children = []
         for name, target in (("model-registry", serve_registry), ("controller", serve_controller)):
             ready: Queue[str] = mp.Queue()
-            child = mp.Process(target=target, args=(token, root, ready, stop), daemon=True)
+            child = mp.Process(target=target, args=(pki, root, ready, stop), daemon=True)
             child.start()
             children.append(child)
             urls[name] = ready.get(timeout=120)
         password = secrets.token_urlsafe(16)
         portal = create_portal(FrontendSettings(
-            service_token=token, secret_key=secrets.token_hex(32), admin_password=password,
+            ca_file=pki.ca_file, credential_file=pki.credentials["frontend"], secret_key=secrets.token_hex(32),
+            admin_password=password,
             database_url=f"sqlite:///{root / 'portal.db'}", service_registry_url=None, consume_bus=False,
         ), urls.__getitem__)
         fill_history(portal, AGENTS, random.Random(6))
@@ -185,7 +190,7 @@ def main() -> None:
                 csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
                 web.post(f"{base}/login", data={"username": "admin", "password": password, "csrf_token": csrf},
                          timeout=30).raise_for_status()
-                auth = {"Authorization": f"Bearer {token}"}
+                operator = SignedSession(pki.admin())
                 pages: list[tuple[str, Callable[[], requests.Response]]] = [
                     ("models, page 1", lambda: web.get(f"{base}/models", timeout=30)),
                     ("models, page 150", lambda: web.get(f"{base}/models?page=150", timeout=30)),
@@ -195,10 +200,9 @@ def main() -> None:
                     ("agents, search", lambda: web.get(f"{base}/agents?q=agent-07", timeout=30)),
                     ("agents, page 1, list not shared (cold path)", lambda: uncached(web.get, f"{base}/agents")),
                     ("(registry GET /registry/models?limit=50)",
-                     lambda: requests.get(f"{urls['model-registry']}/registry/models?limit=50&q=", headers=auth,
-                                          timeout=30)),
+                     lambda: operator.get(f"{urls['model-registry']}/registry/models?limit=50&q=", timeout=30)),
                     ("(controller GET /controller/agents)",
-                     lambda: requests.get(f"{urls['controller']}/controller/agents", headers=auth, timeout=30)),
+                     lambda: operator.get(f"{urls['controller']}/controller/agents", timeout=30)),
                 ]
                 print(f"{args.requests} requests each, one client, loopback; milliseconds")
                 print(f"{'page':46} {'p50':>7} {'p99':>7} {'max':>7} {'bytes':>9}  goal p99 <= {GOAL_MS:.0f} ms")
