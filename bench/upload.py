@@ -29,6 +29,8 @@ import psutil
 import requests
 
 from embedded_broker.launcher import EmbeddedBroker, free_port
+from miaas.client import SignedSession
+from miaas.cluster import Pki
 
 MiB = 1 << 20
 APP = b"from flask import Flask\napp = Flask(__name__)\n"
@@ -78,10 +80,11 @@ class PeakRss(threading.Thread):
         return self.peak - self.baseline
 
 
-def start_registry(folder: Path, bootstrap: str, token: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_registry(folder: Path, bootstrap: str, pki: Pki) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     verbose = bool(os.environ.get("MIAAS_LOG_LEVEL"))  # set it (e.g. info) to see the registry's timings
-    env = {**os.environ, "MIAAS_SERVICE_TOKEN": token, "MIAAS_KAFKA_BOOTSTRAP": bootstrap,
+    env = {**os.environ, "MIAAS_CA_FILE": str(pki.ca_file),
+           "MODEL_REGISTRY_CREDENTIAL_FILE": str(pki.credentials["model-registry"]), "MIAAS_KAFKA_BOOTSTRAP": bootstrap,
            "MODEL_REGISTRY_PORT": str(port), "MODEL_STORE": str(folder / "store"),
            "MODEL_REGISTRY_DATABASE_URL": f"sqlite:///{folder / 'registry.db'}",
            "MIAAS_LOG_LEVEL": os.environ.get("MIAAS_LOG_LEVEL", "warning")}
@@ -125,7 +128,7 @@ class MultipartBody:
         return tail
 
 
-def upload(url: str, token: str, package: Path, name: str) -> float:
+def upload(url: str, operator: requests.Session, package: Path, name: str) -> float:
     """One upload as a streamed multipart body; returns its seconds."""
     boundary = secrets.token_hex(16)
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model_name\"\r\n\r\n{name}\r\n"
@@ -134,10 +137,9 @@ def upload(url: str, token: str, package: Path, name: str) -> float:
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     body = MultipartBody(head, package, tail)
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": f"multipart/form-data; boundary={boundary}",
-               "Content-Length": str(len(body))}
-    start = time.perf_counter()
-    response = requests.post(url + "/registry/upload-and-validate", data=body, headers=headers, timeout=600)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(len(body))}
+    start = time.perf_counter()  # streamed, so signed as UNSIGNED-PAYLOAD (only the upload route accepts that)
+    response = operator.post(url + "/registry/upload-and-validate", data=body, headers=headers, timeout=600)
     elapsed = time.perf_counter() - start
     if response.status_code != 201:
         raise SystemExit(f"upload failed: {response.status_code} {response.text[:500]}")
@@ -151,12 +153,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="uploads (and cp runs) to take the median of")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="miaas-bench-upload-", dir=args.dir))
-    token = secrets.token_urlsafe(32)
+    pki = Pki.ensure(folder / "pki")
+    operator = SignedSession(pki.admin())
     try:
         package = make_package(folder, args.size_mib)
         size = package.stat().st_size
         with EmbeddedBroker(log_file=folder / "tansu.log") as broker:
-            proc, url = start_registry(folder, broker.bootstrap, token)
+            proc, url = start_registry(folder, broker.bootstrap, pki)
             try:
                 cps, uploads, growth = [], [], []
                 for run in range(args.runs):
@@ -164,7 +167,7 @@ def main() -> None:
                     os.sync()
                     sampler = PeakRss(proc.pid)
                     sampler.start()
-                    uploads.append(upload(url, token, package, f"big-{run}"))
+                    uploads.append(upload(url, operator, package, f"big-{run}"))
                     growth.append(sampler.stop())
                     cps.append(time_cp(package, folder))
             finally:
