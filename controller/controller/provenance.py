@@ -71,11 +71,11 @@ class _Seen:
     oldest: float = float("inf")  # the earliest ts held
 
     def accepts(self, offset: int, seq: int) -> bool:
+        if seq > self.max_seq:
+            return True  # newer than anything seen: the usual case, and a topic created again (offsets from 0)
         known = self.seqs.get(offset)
         if known is not None:
             return known[0] == seq  # the very message, read again
-        if seq > self.max_seq:
-            return True  # newer than anything seen (the usual case; a topic created again too)
         if offset < self.floor:
             return False
         i = bisect_left(self.offsets, offset)
@@ -83,7 +83,8 @@ class _Seen:
             (i == len(self.offsets) or seq < self.seqs[self.offsets[i]][0])
 
     def add(self, offset: int, seq: int, ts: float, limit: int) -> None:
-        insort(self.offsets, offset)
+        if offset not in self.seqs:
+            insort(self.offsets, offset)
         self.seqs[offset] = (seq, ts)
         self.max_seq = max(self.max_seq, seq)
         self.oldest = min(self.oldest, ts)
