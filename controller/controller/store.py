@@ -190,6 +190,11 @@ class DeploymentStore:
         event.listen(self._session, "do_orm_execute", _mark_written_by_statement)
         event.listen(self._session, "after_commit", self._count_commit)
 
+    def guard_writes(self, guard: Callable[[Session], None]) -> None:
+        """Run `guard(session)` in every transaction that writes, before it writes; what it raises undoes the
+        transaction (the leader's fence: `controller.leader.Leader.guard`)."""
+        event.listen(self._session, "before_flush", lambda session, _context, _instances: guard(session))
+
     def _count_commit(self, session: Session) -> None:
         if session.info.pop("wrote", False):
             with self._commits_lock:
