@@ -22,6 +22,7 @@ from miaas.web import Api
 from model_registry.registry import ModelRegistry
 from model_registry.settings import ModelRegistrySettings
 from model_registry.uploads import receive_upload
+from model_registry.validation import MANIFEST
 
 MAX_CALLER_LENGTH = 256
 
@@ -84,6 +85,14 @@ def build_api(registry: ModelRegistry, settings: ModelRegistrySettings) -> Api:
             registry.zip_of(record), mimetype="application/zip", as_attachment=True,
             download_name=f"{record.name}-v{record.version}.zip", conditional=True, etag=record.sha256,
         )
+
+    @api.route("/registry/models/<model_id>/versions/<int:version>/manifest", allow=READERS)
+    def get_manifest(model_id: str, version: int) -> Response:
+        """The version's MANIFEST.json byte for byte (its sha256 is fetch-model's `manifest_sha256`): what an agent
+        pulling the version over HTTP checks the zip and every file against."""
+        record = registry.fetch(model_id, version)
+        return send_file(registry.path_of(record) / MANIFEST, mimetype="application/json", conditional=True,
+                         etag=record.manifest_sha256, max_age=0)
 
     @api.route("/registry/models/<model_id>/versions/<int:version>", "DELETE", status=204, allow=WRITERS)
     def delete_version(model_id: str, version: int) -> Response:

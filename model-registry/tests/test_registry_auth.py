@@ -52,6 +52,7 @@ TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("GET", "/registry/models/<model_id>"): READ,
     ("GET", "/registry/models/<model_id>/versions/<int:version>/download"): READ,
     ("GET", "/registry/models/<model_id>/versions/<int:version>/files"): READ,
+    ("GET", "/registry/models/<model_id>/versions/<int:version>/manifest"): READ,
     ("GET", "/registry/models/<model_id>/versions/<int:version>/files/<path:path>"): READ,
     ("GET", "/registry/models/<model_id>/aliases"): READ,
     ("DELETE", "/registry/models/<model_id>/versions/<int:version>"): WRITE,

@@ -74,3 +74,20 @@ def test_an_unknown_model_or_version_is_a_404(upload: Upload, client: FlaskClien
     found = client.get(url)
     assert found.status_code == 404
     assert found.json["error"]["code"] == "not_found"
+
+
+def test_the_manifest_is_served_byte_for_byte_with_its_recorded_sha256(upload: Upload, client: FlaskClient) -> None:
+    model_id = upload(GOOD).json["model"]["model_id"]
+    recorded = client.get("/registry/fetch-model", query_string={"model_id": model_id}).json["manifest_sha256"]
+    with client.get(f"/registry/models/{model_id}/versions/1/manifest") as found:
+        assert (found.status_code, found.mimetype) == (200, "application/json")
+        assert hashlib.sha256(found.data).hexdigest() == recorded
+        assert sorted(f["path"] for f in found.json["files"]) == sorted(GOOD)
+    with client.get(f"/registry/models/{model_id}/versions/1/download") as zipped:
+        assert found.json["zip_sha256"] == hashlib.sha256(zipped.data).hexdigest()
+
+
+def test_the_manifest_of_a_version_that_does_not_exist_is_a_404(upload: Upload, client: FlaskClient) -> None:
+    upload(GOOD)
+    found = client.get("/registry/models/iris/versions/2/manifest")
+    assert (found.status_code, found.json["error"]["code"]) == (404, "not_found")
