@@ -474,6 +474,10 @@ class AgentList(Wire):
 # --------------------------------------------------------------------------- agent
 
 
+FENCE_DOC = ("the epoch of the leader lease of the controller that sends the command; an agent refuses one lower "
+             "than it accepted before, or none once it accepted one (409 stale_leader)")
+
+
 class CreateVmRequest(Request):
     deployment_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     model_id: str
@@ -483,6 +487,7 @@ class CreateVmRequest(Request):
         0, ge=0, description="the controller's placement number: a repeat (same or older) is answered with what is "
         "held; a newer one restarts a copy that was stopped or failed here"
     )
+    fence: int | None = Field(None, ge=1, le=2**63 - 1, description=FENCE_DOC)
 
 
 class StopVmRequest(Request):
@@ -490,6 +495,7 @@ class StopVmRequest(Request):
     generation: int | None = Field(
         None, ge=0, description="stop only a copy of this placement or older; a newer copy is left running"
     )
+    fence: int | None = Field(None, ge=1, le=2**63 - 1, description=FENCE_DOC)
 
 
 class AgentDeployment(Wire):

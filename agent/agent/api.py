@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, current_app
 from pydantic import Field
 
+from agent.fence import Fence
 from agent.logtail import LogFollower
 from agent.manager import AgentDeploymentDetail, AgentDeploymentList, DeploymentManager
 from miaas.errors import NotFound, Unavailable
@@ -67,7 +68,9 @@ class _Follows:
         return leave
 
 
-def build_api(manager: DeploymentManager, limits: FollowLimits | None = None) -> Api:
+def build_api(manager: DeploymentManager, limits: FollowLimits | None = None, fence: Fence | None = None) -> Api:
+    """The agent's routes; with `fence`, a command of a deposed controller (a lower fence) is refused before it is
+    carried out (agent/fence.py)."""
     # Only the controller commands an agent; the portal and operators may look (DESIGN.md §7).
     api = Api("agent", allow=(CONTROLLER, FRONTEND, ADMIN))
     commands = (CONTROLLER,)
@@ -76,13 +79,18 @@ def build_api(manager: DeploymentManager, limits: FollowLimits | None = None) ->
     @api.route("/create-vm", "POST", body=CreateVmRequest, response=AgentDeploymentDetail, status=202,
                allow=commands)
     def create_vm(body: CreateVmRequest) -> AgentDeploymentDetail:
-        """Provision a deployment in the background; answers at once with its URL (idempotent by id)."""
+        """Provision a deployment in the background; answers at once with its URL (idempotent by id). A command
+        whose `fence` is lower than one accepted before is refused: 409 `stale_leader`."""
+        if fence is not None:
+            fence.check(body.fence, f"create-vm of {body.deployment_id}")
         return manager.create(body)
 
     @api.route("/stop-vm", "POST", body=StopVmRequest, response=AgentDeploymentDetail, allow=commands)
     def stop_vm(body: StopVmRequest) -> AgentDeploymentDetail:
         """Stop a deployment and free its ports; stopping a stopped one (or, with `generation`, a newer copy) is
-        harmless."""
+        harmless. A command whose `fence` is lower than one accepted before is refused: 409 `stale_leader`."""
+        if fence is not None:
+            fence.check(body.fence, f"stop-vm of {body.deployment_id}")
         return manager.stop(body.deployment_id, body.generation)
 
     @api.route("/deployments", response=AgentDeploymentList)

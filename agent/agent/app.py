@@ -17,6 +17,7 @@ from flask import Flask
 
 from agent.api import build_api
 from agent.credential import CredentialHolder, Renewer, obtain
+from agent.fence import FENCE_FILE, Fence
 from agent.fetch import FetchModel, RegistryFetcher
 from agent.manager import DeploymentManager
 from agent.metrics import GpuProbe, MetricsCollector, MetricsPublisher
@@ -132,7 +133,9 @@ def create_app(
     agent = AgentParts(settings, bus, manager, collector, holder, locate_controller, recovered)
     if holder.ready:
         agent.adopt_recovered()
-    app = create_service_app("agent", trust.auth, [build_api(manager)], import_name=__name__)
+    # The highest controller fence accepted: a deposed controller's late commands are refused, across restarts.
+    fence = Fence(settings.state_dir.absolute() / FENCE_FILE)
+    app = create_service_app("agent", trust.auth, [build_api(manager, fence=fence)], import_name=__name__)
     app.extensions["agent"] = agent
     app.extensions["miaas_trust"] = trust
     return app
