@@ -2,7 +2,10 @@
 (join, renew, join tokens, revocations) are in `identities.py`.
 
 Who may call: deploy and stop, the portal and operators; the records, the agents and the bus, the model registry
-too (is a version deployed?)."""
+too (is a version deployed?); the leader lease, every role.
+
+Reads work on every controller of the cluster; deploy and stop only on the leader: a standby answers 503
+`not_leader` naming the leader (`details.leader_url`) with Retry-After."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import re
 from flask import Response, g, request
 from pydantic import Field
 
+from controller.leader import LeaderStatus
 from controller.service import Controller
 from controller.store import Once
 from miaas import identity
@@ -81,6 +85,7 @@ def build_api(controller: Controller) -> Api:
         running (201); `?wait=` blocks until running or failed. With an `Idempotency-Key` header, a retry (same
         identity and person, same key, same body) returns the same deployment and creates none; the key with
         another body: 422."""
+        controller.leader.require("deploys")
         caller = g.caller
         once = idempotency(request.headers.get("Idempotency-Key"), idempotency_scope(g.identity, caller), body,
                            controller.settings.idempotency_key_ttl_s)
@@ -95,6 +100,7 @@ def build_api(controller: Controller) -> Api:
     @api.route("/controller/stop", "POST", body=StopRequest, response=Deployment, allow=DEPLOYERS)
     def stop(body: StopRequest) -> Deployment:
         """Stop a deployment; stopping a finished one is harmless."""
+        controller.leader.require("stops deployments")
         return controller.stop_deployment(body.deployment_id)
 
     @api.route("/controller/deployments", query=ListQuery, response=DeploymentList)
@@ -120,5 +126,11 @@ def build_api(controller: Controller) -> Api:
     def bus() -> BusStats:
         """What the controller's bus consumers handled, and the poison messages they skipped, per reason."""
         return controller.bus_stats()
+
+    @api.route("/controller/leader", response=LeaderStatus, allow=identity.ROLES)
+    def leader() -> LeaderStatus:
+        """Who holds the leader lease (id, URL, epoch: the fencing number, seconds left by the database's clock)
+        and whether this controller is the leader or a standby."""
+        return controller.leader.status()
 
     return api

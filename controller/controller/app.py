@@ -6,10 +6,11 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from flask import Flask
+from flask import Flask, Response, jsonify
 
 from controller import identities
 from controller.api import build_api
+from controller.leader import NotLeader
 from controller.service import Controller
 from controller.settings import ControllerSettings
 from controller.store import DeploymentStore
@@ -18,7 +19,7 @@ from miaas.bus import EventBus
 from miaas.discovery import Discovery
 from miaas.errors import Unavailable
 from miaas.trust import trust_from_settings
-from miaas.web import RevocationList, create_service_app
+from miaas.web import RevocationList, create_service_app, error_response
 
 
 def utcnow() -> datetime:
@@ -50,10 +51,34 @@ def create_app(
         locate = _discovery_locate(settings, trust.credential)
     controller = Controller(settings, store, locate, clock, bus, trust=trust)
     app = create_service_app("controller", trust.auth, [build_api(controller), identities.build_api(authority)])
+    _say_leadership(app, controller)
     app.extensions["controller"] = controller
     app.extensions["identities"] = authority
     app.extensions["miaas_trust"] = trust
     return app
+
+
+def _say_leadership(app: Flask, controller: Controller) -> None:
+    """/health says this instance's role; a refusal by a standby carries Retry-After (RFC 9110 §10.2.3)."""
+    endpoint = next(r.endpoint for r in app.url_map.iter_rules() if r.rule == "/health")
+    base = app.view_functions[endpoint]
+
+    def health() -> Response:
+        answer = base()
+        assert isinstance(answer, Response)
+        body = dict(answer.get_json())
+        body["role"] = controller.leader.role()
+        return jsonify(body)
+
+    health.__doc__ = base.__doc__
+    app.view_functions[endpoint] = health
+
+    @app.errorhandler(NotLeader)
+    def _not_leader(exc: NotLeader) -> Response:
+        response = error_response(exc)
+        retry = exc.details.get("retry_after_s") if isinstance(exc.details, dict) else None
+        response.headers["Retry-After"] = str(int(retry or 1))
+        return response
 
 
 def _discovery_locate(settings: ControllerSettings, credential: identity.CredentialSource) -> Callable[[str], str]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from controller.leader import NotLeader
 from controller.lifecycle import (
     LIVE_ON_AGENT,
     AgentReport,
@@ -41,7 +42,7 @@ from controller.lifecycle import (
     orphan_copies,
     queue_order,
 )
-from controller.liveness import BusHealth
+from controller.liveness import BusHealth, Gate
 from controller.placement import AgentSnapshot, Placement, PlacementIndex
 from controller.preemption import Amount, Holder, Room, choose_victims
 from controller.states import ACTIVE, QUEUED
@@ -118,6 +119,8 @@ class Reconciler:
         def run() -> None:
             try:
                 fn(*args)
+            except NotLeader as exc:  # deposed meanwhile: the new leader's passes send what is due
+                log.info("command %s not sent: %s", key, exc.message)
             except Exception:  # noqa: BLE001 - a failed command is retried by a later pass
                 log.exception("command %s failed", key)
             finally:
@@ -138,9 +141,21 @@ class Reconciler:
         named = {r.agent_id for r in records if r.agent_id}
         unheard = named - c.view.known()
         gate = c.view.advance(now, self.bus.health() if self.bus is not None else None, c.started_at, len(unheard))
+        self._next_lost_s = c.view.lost_in_s(now)
+        if not c.leading():
+            self.passes += 1  # a standby keeps its view and liveness gate current, and decides nothing
+            return
+        try:
+            self._decide(now, records, named, gate)
+        except NotLeader as exc:
+            log.info("reconcile pass cut short: %s", exc.message)
+        self.passes += 1
+
+    def _decide(self, now: datetime, records: list[Record], named: set[str], gate: Gate) -> None:
+        """The decisions of a pass, the leader's alone: loss, commands due, orphan copies, the queue."""
+        c = self.c
         view = c.view.agents(now)
         states = {r.metrics.agent_id: state for r, state in view}
-        self._next_lost_s = c.view.lost_in_s(now)
         agent_ids = set(states) | named
         state_of = {a: effective_state(a, states, now, c.started_at, c.settings.lost_after_s, gate)
                     for a in agent_ids}
@@ -164,7 +179,6 @@ class Reconciler:
             self.submit(("create", d.deployment_id), c.send_create, d.deployment_id)
         for d in victims:
             self.submit(("stop", d.deployment_id), c.send_stop, d.deployment_id)
-        self.passes += 1
 
     def _dispatch(self, command: Command) -> None:
         r = command.record

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from controller.commands import Refused, Uncertain, send_command
+from controller.leader import Deposed, Leader, LeaseStore, NotLeader, Role
 from controller.lifecycle import Move, Record, backoff_s, judge_report
 from controller.placement import AgentSnapshot, Placement, PlacementRequest, Usage, score
 from controller.provenance import ReadOrderChecker, check_event, check_metrics
@@ -57,7 +58,11 @@ class Controller:
     """Owns deployment records, places them on agents and follows them through the bus.
 
     It calls the model registry and commands agents as itself (`trust.credential`), and believes a bus message
-    only when its signature checks and its signer speaks for itself (`provenance`)."""
+    only when its signature checks and its signer speaks for itself (`provenance`).
+
+    Of the controllers on one database, only the holder of the lease (`leader`) decides: it applies agents'
+    reports, places, and commands agents with its epoch as the fence; every write of the store checks that epoch in
+    its transaction. A standby folds the bus into its view only (kept warm for a takeover) and serves reads."""
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class Controller:
         bus: EventBus | None = None,
         *,
         trust: Trust,
+        leader: Leader | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -89,6 +95,10 @@ class Controller:
         self._reports = ReportFilter(store)
         self.started_at = clock()  # agents not heard from since are lost once `lost_after_s` has passed
         self.reconciler = Reconciler(self)
+        self.leader = leader or Leader(LeaseStore(store.engine), settings.controller_id, url=settings.public_url,
+                                       ttl_s=settings.leader_lease_s)
+        store.guard_writes(self.leader.guard)  # a deposed leader's late write fails as a stale plan
+        self.leader.listeners.append(self._on_role)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -102,6 +112,7 @@ class Controller:
                                        interval_s=self.settings.bus_probe_interval_s,
                                        timeout_s=self.settings.bus_probe_timeout_s).start()
         self.reconciler.start()
+        self.leader.start()  # leads at once when the lease is free, else stands by and takes it once it expires
         self._consumers = [
             self.metrics_consumer(start="end").start(),
             PartitionConsumer(
@@ -133,6 +144,7 @@ class Controller:
         return all(c.ready.wait(timeout) for c in self._consumers)
 
     def stop(self) -> None:
+        self.leader.stop(release=True)  # stop acting first; a standby takes over without waiting for the expiry
         self.reconciler.stop()
         if self.reconciler.bus is not None:
             self.reconciler.bus.stop()
@@ -140,6 +152,19 @@ class Controller:
             c.stop()
         if self.bus is not None:
             self.bus.flush()
+
+    # ------------------------------------------------------------------ leadership
+
+    def leading(self) -> bool:
+        """Whether this controller may decide and command now (it holds the lease)."""
+        return self.leader.leading()
+
+    def _on_role(self, role: Role) -> None:
+        if role == "leader":
+            # A takeover starts from the store and the warm view: what this instance remembers of the records
+            # was written by another, so it is dropped; the first pass comes at once.
+            self._reports = ReportFilter(self.store)
+            self.reconciler.wake()
 
     # ------------------------------------------------------------------ bus in
 
@@ -159,7 +184,7 @@ class Controller:
 
         The in-process entry, for tests that feed the controller directly: nothing checks who sent `event`.
         Production input goes through `on_message`, from a consumer that checks every signature."""
-        if event.source == "agent":
+        if event.source == "agent" and self.leading():
             self._apply_agent_report(event.deployment_id, event.status, event.agent_id, event.url, event.reason,
                                      event.generation)
 
@@ -180,6 +205,8 @@ class Controller:
         change a record, without a query per report, so the unchanged majority costs no transaction.
         """
         folded = self.view.observe_many(batch, self.clock())
+        if not self.leading():
+            return  # a standby keeps its view warm; the leader applies what the reports change
         reported = frozenset((S.PROVISIONING, S.RUNNING, S.FAILED, S.STOPPED))
         for deployment_id, agent_id, status, url, generation in self._reports.changes(folded, reported):
             self._apply_agent_report(deployment_id, status, agent_id, url, None, generation, from_metrics=True)
@@ -200,7 +227,11 @@ class Controller:
                 return _lost(f"agent {agent_id} stopped it unasked (shutting down?)")
             return {"status": target, "url": url or UNSET, "reason": reason or UNSET}
 
-        changed = self.store.decide(deployment_id, self.clock(), decide)
+        try:
+            changed = self.store.decide(deployment_id, self.clock(), decide)
+        except NotLeader as exc:
+            log.info("report of %s by %s not applied: %s", deployment_id, agent_id, exc.message)
+            return None
         if changed is not None:
             if changed.status in (S.PENDING, S.LOST) or changed.status.is_terminal:
                 self._publish(changed)
@@ -269,7 +300,9 @@ class Controller:
     def deploy(self, req: DeployRequest, user: str | None, wait: float = 0.0, once: Once | None = None) -> Deployment:
         """Resolve the version, queue it, and place the queue: provisioned at once when it fits (or when
         preempting lower-priority deployments makes it fit), else pending with the reason until capacity appears.
-        With `once` (an Idempotency-Key), a request with the same key that won meanwhile decides: its deployment."""
+        With `once` (an Idempotency-Key), a request with the same key that won meanwhile decides: its deployment.
+        Only the leader deploys (it places at once): a standby refuses with NotLeader, naming the leader."""
+        self.leader.require("deploys")
         version = self._fetch_model(req.model_id, req.version, req.alias)
         meta = PackageMeta.model_validate(version["meta"])
         runtime = req.runtime or self.settings.default_runtime
@@ -399,8 +432,18 @@ class Controller:
         return record.metrics.url
 
     def _command(self, agent_id: str, path: str, body: dict[str, Any]) -> Any:
-        return send_command(self._agent_url(agent_id), self.credential, path, body,
-                            timeout=self.settings.agent_timeout_s, retries=self.settings.command_retries)
+        """Send a command with this leader's epoch as its fence (in the signed body); NotLeader when this instance
+        may not act, Deposed when the agent has seen a higher fence (this instance then stops acting)."""
+        fence = self.leader.fence()
+        try:
+            return send_command(self._agent_url(agent_id), self.credential, path, {**body, "fence": fence},
+                                timeout=self.settings.agent_timeout_s, retries=self.settings.command_retries)
+        except Refused as exc:
+            if exc.code != "stale_leader":
+                raise
+            self.leader.depose(f"agent {agent_id} refused {path} with fence {fence}: {exc.message}")
+            raise Deposed(f"controller {self.leader.controller_id} was deposed: agent {agent_id} refused its "
+                          f"fence {fence} ({exc.message})") from exc
 
     def send_create(self, deployment_id: str) -> None:
         """Ask the agent of a scheduled deployment to provision it (idempotent: its id and generation are the key).
@@ -464,6 +507,7 @@ class Controller:
         A pending or lost deployment runs nowhere the controller can reach: it is stopped at once (should its
         lost agent come back, it is told to stop the copy). A preempted one being stopped is stopped for good.
         """
+        self.leader.require("stops deployments")
         d = self.store.get(deployment_id)
         if d.status.is_terminal:
             return d

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -53,6 +54,23 @@ class ControllerSettings(ServiceSettings):
         identity.AGENT_LIFETIME_S, gt=60, le=366 * 24 * 3600,
         description="how long a certificate issued to an agent (joined or renewed) is valid",
     )
+
+    leader_lease_s: float = Field(
+        6.0, ge=0.5, le=300, description="how long the leader lease lasts unrenewed (CONTROLLER_LEADER_LEASE_S): "
+                                         "renewed every third of it; a standby takes over within about this long "
+                                         "after the leader dies, so keep it well under CONTROLLER_LOST_AFTER_S"
+    )
+    controller_id: str = Field(
+        "", max_length=128, pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        description="this controller's name in the leader lease (CONTROLLER_ID); default <host name>:<port>; two "
+                    "controllers on one database need different ids",
+    )
+
+    @model_validator(mode="after")
+    def _default_controller_id(self) -> ControllerSettings:
+        if not self.controller_id:
+            self.controller_id = f"{socket.gethostname()}:{self.port}"[:128]
+        return self
 
     @field_validator("ca_key_file")
     @classmethod
