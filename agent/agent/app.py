@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from flask import Flask
 
 from agent.api import build_api
+from agent.controllers import ControllerUrls
 from agent.credential import CredentialHolder, Renewer, obtain
 from agent.fence import FENCE_FILE, Fence
 from agent.fetch import FetchModel, RegistryFetcher
@@ -57,7 +58,8 @@ class AgentParts:
 
         Raises agent.credential.NoCredential, saying what to do, when it has none and cannot join."""
         if not self.credential.ready:
-            self.credential.set(obtain(self.settings, url, controller_url=self.settings.controller_url,
+            joins_at = self.controller_url() if self.settings.controller_urls and self.controller_url else None
+            self.credential.set(obtain(self.settings, url, controller_url=joins_at,
                                        now=time.time()))
             if self.controller_url is None:
                 log.warning("no controller known (AGENT_CONTROLLER_URL, MIAAS_SERVICE_REGISTRY_URL): the agent's "
@@ -142,10 +144,10 @@ def create_app(
 
 
 def controller_locator(settings: AgentSettings, credential: CredentialSource) -> Callable[[], str] | None:
-    """Where the controller is: AGENT_CONTROLLER_URL, else asked of the service registry (None: neither)."""
-    if settings.controller_url:
-        url = settings.controller_url
-        return lambda: url
+    """Where the controller is: AGENT_CONTROLLER_URL (of several, the leader), else asked of the service registry
+    (None: neither)."""
+    if settings.controller_urls:
+        return ControllerUrls(settings.controller_urls)
     if settings.service_registry_url:
         discovery = Discovery(settings.service_registry_url, credential)
         return lambda: discovery.lookup("controller")

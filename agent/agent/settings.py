@@ -76,8 +76,10 @@ class AgentSettings(ServiceSettings):
         None, description="a join token (POST /controller/join-tokens): exchanged for the agent's own credential "
                           "when it has none yet; not needed afterwards")
     controller_url: str | None = Field(
-        None, description="where the agent joins, renews its certificate and fetches revocations (default: "
-                          "found through the service registry, which cannot be asked before the agent has joined)")
+        None, description="where the agent joins, renews its certificate and fetches revocations: one URL, or "
+                          "several separated by commas (the leader among them is used, else any that answers); "
+                          "default: found through the service registry, which cannot be asked before the agent has "
+                          "joined")
     renewal_check_s: float = Field(
         60.0, gt=0, le=86_400, description="seconds between two checks of whether the certificate is due for renewal")
     agent_id: str = Field(
@@ -207,7 +209,18 @@ class AgentSettings(ServiceSettings):
     @field_validator("controller_url")
     @classmethod
     def _valid_controller_url(cls, value: str | None) -> str | None:
-        return None if value is None else check_http_url(value, "AGENT_CONTROLLER_URL")
+        """One URL, or several separated by commas (a leading controller and its standbys)."""
+        if value is None:
+            return None
+        urls = [check_http_url(url, "AGENT_CONTROLLER_URL") for url in value.split(",") if url.strip()]
+        if not urls:
+            raise ValueError(f"AGENT_CONTROLLER_URL must name at least one http(s) URL, not {value!r}")
+        return ",".join(urls)
+
+    @property
+    def controller_urls(self) -> list[str]:
+        """The controllers AGENT_CONTROLLER_URL names (empty: none)."""
+        return self.controller_url.split(",") if self.controller_url else []
 
     @property
     def credential_path(self) -> Path:
