@@ -337,7 +337,7 @@ class Supervisor:
                 unit = self.units[name] = Unit(name, spec=spec, restarts=int(rec.get("restarts", 0)),
                                                last_exit=rec.get("last_exit"), exit_code=rec.get("exit_code"))
                 if rec.get("held") and rec.get("identity") == spec.identity:
-                    unit.held = True
+                    unit.held, unit.identity = True, spec.identity  # still held by the next daemon too
                 else:
                     self._spawn(unit)
             for name, error in refused.items():
