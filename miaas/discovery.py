@@ -5,47 +5,90 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import requests
 
 from miaas.client import ServiceClient
 from miaas.errors import MiaasError, RemoteError, Unavailable
 from miaas.identity import Credential, CredentialSource
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+NOT_THE_ONE = ("not_leader", "stale_leader")  # codes of an instance that is not the one to ask
+LOOKUPS_PAST_AVOIDED = 3  # the registry takes turns among instances: asking again finds another
 
 
 class Discovery:
-    """Finds services through the service registry, caching each answer for a short time."""
+    """Finds services through the service registry, caching each answer for a short time. An instance that did
+    not answer, or said it is not the one to ask (a standby controller: `not_leader`), is avoided for `avoid_s`:
+    the registry may list a dead leader until its registration expires."""
 
     def __init__(self, registry_url: str, credential: Credential | CredentialSource, *, cache_s: float = 2.0,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, avoid_s: float = 15.0) -> None:
         self.client = ServiceClient(registry_url, credential, timeout=timeout)
         self.cache_s = cache_s
+        self.avoid_s = avoid_s
         self._cache: dict[str, tuple[float, str]] = {}
+        self._avoided: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
     def lookup(self, name: str) -> str:
-        """The URL of a live instance of `name`; 503 when none is registered."""
+        """The URL of a live instance of `name` (one not avoided, while the registry offers another); 503 when
+        none is registered."""
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(name)
             if hit and now - hit[0] < self.cache_s:
                 return hit[1]
-        try:
-            info = self.client.get("/getServiceInfo", params={"name": name})
-        except RemoteError as exc:
-            if exc.status == 404:
-                raise Unavailable(f"no live instance of service '{name}' is registered") from exc
-            raise
-        url = str(info["url"])
+        url = ""
+        for _ in range(LOOKUPS_PAST_AVOIDED):
+            try:
+                info = self.client.get("/getServiceInfo", params={"name": name})
+            except RemoteError as exc:
+                if exc.status == 404:
+                    raise Unavailable(f"no live instance of service '{name}' is registered") from exc
+                raise
+            url = str(info["url"])
+            with self._lock:
+                if self._avoided.get((name, url), 0.0) <= now:
+                    self._avoided.pop((name, url), None)
+                    break
         with self._lock:
             self._cache[name] = (now, url)
         return url
 
-    def forget(self, name: str) -> None:
-        """Drop a cached answer, e.g. after the instance stopped answering."""
+    def forget(self, name: str, url: str | None = None) -> None:
+        """Drop a cached answer, e.g. after the instance stopped answering; with `url`, avoid that instance for
+        `avoid_s` in the lookups that follow."""
         with self._lock:
             self._cache.pop(name, None)
+            if url is not None:
+                self._avoided[(name, url)] = time.monotonic() + self.avoid_s
+
+    def call(self, name: str, fn: Callable[[str], T]) -> T:
+        """`fn(url)` on an instance of `name`; when it cannot be reached or answers `not_leader`, that instance is
+        forgotten (and avoided) and `fn` is called once more on another one found anew."""
+        url = self.lookup(name)
+        try:
+            return fn(url)
+        except (requests.ConnectionError, MiaasError) as exc:
+            if not _gone(exc):
+                raise
+            log.info("%s at %s did not serve (%s); looking it up again", name, url, exc)
+            self.forget(name, url)
+        return fn(self.lookup(name))
+
+
+def _gone(exc: BaseException) -> bool:
+    """A failure that says to ask another instance: no connection, or a standby's (or deposed leader's) 503
+    `not_leader` / `stale_leader`, which `ServiceClient` passes on as an UpstreamError naming the code."""
+    if isinstance(exc, RemoteError):
+        return exc.code in NOT_THE_ONE
+    if isinstance(exc, MiaasError) and any(f"503 {code}:" in exc.message for code in NOT_THE_ONE):
+        return True
+    return isinstance(exc, requests.ConnectionError) or isinstance(exc.__cause__, requests.ConnectionError)
 
 
 class Registration:
