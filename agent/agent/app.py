@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from flask import Flask
 
 from agent.api import build_api
+from agent.cache import ModelCache
+from agent.cache_api import build_cache_api
 from agent.controllers import ControllerUrls
 from agent.credential import CredentialHolder, Renewer, obtain
 from agent.fence import FENCE_FILE, Fence
@@ -51,6 +53,7 @@ class AgentParts:
     recovered: list[tuple[str, list[RecoveredDeployment]]] = field(default_factory=list)
     publisher: MetricsPublisher | None = None
     renewer: Renewer | None = None
+    model_cache: ModelCache | None = None
 
     def start_metrics(self, url: str) -> None:
         """Obtain the agent's credential for serving at `url` (its public URL, known once the server is bound)
@@ -107,10 +110,19 @@ def create_app(
     locate_controller = controller_locator(settings, holder)
     trust = trust_from_settings(settings, credential=holder, controller_url=locate_controller)
     lo, hi = settings.port_bounds
+    # Model files over HTTP (AGENT_MODEL_FILES http, or auto without the store): pulled into the local cache.
+    cache = None
+    if fetch_model is None:
+        if settings.model_files != "nfs":
+            cache = ModelCache(settings.model_cache_path, max_bytes=settings.model_cache_max_bytes)
+        fetcher = RegistryFetcher(settings.service_registry_url, holder, files=settings.model_files, cache=cache)
+        if cache is not None:
+            cache.source = fetcher
+        fetch_model = fetcher
     manager = DeploymentManager(
         agent_id=settings.agent_id,
         runtimes=runtimes if runtimes is not None else build_runtimes(settings),
-        fetch_model=fetch_model or RegistryFetcher(settings.service_registry_url, holder),
+        fetch_model=fetch_model,
         bus=bus,
         ports=PortAllocator(lo, hi),
         state_dir=settings.state_dir.absolute(),
@@ -118,6 +130,9 @@ def create_app(
         clock=clock,
         stop_timeout_s=settings.stop_grace_s + 30,
     )
+    if cache is not None:
+        cache.in_use = manager.versions_in_use  # never evicted while a deployment here holds it
+        cache.open()
     # VMs outlive an agent restart: find them again, never launch twice; they are reported once the agent can sign.
     recovered = [(name, runtime.recover()) for name, runtime in manager.runtimes.items()
                  if isinstance(runtime, Recoverable)]
@@ -132,12 +147,13 @@ def create_app(
         gpus=gpus,
         clock=clock,
     )
-    agent = AgentParts(settings, bus, manager, collector, holder, locate_controller, recovered)
+    agent = AgentParts(settings, bus, manager, collector, holder, locate_controller, recovered, model_cache=cache)
     if holder.ready:
         agent.adopt_recovered()
     # The highest controller fence accepted: a deposed controller's late commands are refused, across restarts.
     fence = Fence(settings.state_dir.absolute() / FENCE_FILE)
-    app = create_service_app("agent", trust.auth, [build_api(manager, fence=fence)], import_name=__name__)
+    apis = [build_api(manager, fence=fence), *([build_cache_api(cache)] if cache is not None else [])]
+    app = create_service_app("agent", trust.auth, apis, import_name=__name__)
     app.extensions["agent"] = agent
     app.extensions["miaas_trust"] = trust
     return app

@@ -13,14 +13,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import Field
 
 from agent.errors import AgentError, ProvisionCancelled, ProvisionFailed
-from agent.fetch import FetchModel
+from agent.fetch import FetchModel, ModelSource
 from agent.ports import PortAllocator
 from agent.runtimes.base import DeploymentSpec, RecoveredDeployment, Runtime
 from agent.verify import verify_version
@@ -196,6 +196,11 @@ class DeploymentManager:
             return [DeploymentReport(deployment_id=r.deployment_id, status=r.status, url=r.url,
                                      generation=r.generation) for r in self._records.values()]
 
+    def versions_in_use(self) -> set[tuple[str, int]]:
+        """(model id, version) of every deployment held and not finished: the model cache never evicts them."""
+        with self._lock:
+            return {(r.model_id, r.version) for r in self._records.values() if not r.status.is_terminal}
+
     def refresh(self) -> None:
         """Mark failed the running deployments whose model died by itself, and clean up after them."""
         with self._lock:
@@ -262,7 +267,7 @@ class DeploymentManager:
             meta=source.meta, port=ports[0], workdir=self.state_dir / req.deployment_id, ports=record.ports,
         )
         record.thread = threading.Thread(
-            target=self._provision, args=(record, runtime, spec, source.manifest_sha256),
+            target=self._provision, args=(record, runtime, spec, source),
             name=f"provision-{req.deployment_id}", daemon=True,
         )
         with self._lock:
@@ -272,11 +277,11 @@ class DeploymentManager:
         record.thread.start()
         return view
 
-    def _provision(
-        self, record: _Record, runtime: Runtime, spec: DeploymentSpec, manifest_sha256: str | None
-    ) -> None:
+    def _provision(self, record: _Record, runtime: Runtime, spec: DeploymentSpec, source: ModelSource) -> None:
         try:
-            if not verify_version(spec.model_path, manifest_sha256):
+            if source.pull is not None:  # over HTTP: pulled (or found) and verified in the model cache
+                spec = replace(spec, model_path=source.pull())
+            elif not verify_version(spec.model_path, source.manifest_sha256):
                 log.info("%s: %s has no manifest to verify", record.deployment_id, spec.model_path)
             runtime.start(spec)
         except ProvisionCancelled:

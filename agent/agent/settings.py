@@ -139,6 +139,18 @@ class AgentSettings(ServiceSettings):
     )
     logs_max_follows: int = Field(8, ge=1, description="log follows at once; more are refused with 503")
 
+    # ---- how model files reach this agent (agent/README.md, "Model files: NFS or the HTTP cache")
+    model_files: Literal["nfs", "http", "auto"] = Field(
+        "auto", description="nfs: the version folder on the model store mounted here (MODEL_STORE); http: pulled "
+                            "from the model registry into the local model cache; auto: the store when it shows the "
+                            "version, else http")
+    model_cache_dir: Path | None = Field(
+        None, description="the local cache of versions pulled over HTTP (read-only folders, an index); default "
+                          "<state_dir>/model-cache")
+    model_cache_max_bytes: int = Field(
+        10 << 30, ge=1 << 20, description="bytes the model cache may hold (least recently used versions not in use "
+                                          "are evicted to stay under it); at least 1 MiB")
+
     # ---- the vagrant runtime (agent/README.md, "The vagrant runtime")
     model_store: Path = Field(
         Path(".miaas/models"),
@@ -221,6 +233,11 @@ class AgentSettings(ServiceSettings):
     def controller_urls(self) -> list[str]:
         """The controllers AGENT_CONTROLLER_URL names (empty: none)."""
         return self.controller_url.split(",") if self.controller_url else []
+
+    @property
+    def model_cache_path(self) -> Path:
+        """Where the model cache is."""
+        return (self.model_cache_dir or self.state_dir / "model-cache").absolute()
 
     @property
     def credential_path(self) -> Path:
