@@ -23,9 +23,12 @@ import requests
 from flask import Flask, request
 from sqlalchemy import text
 
-from agent.app import parts
+from agent.app import create_app, parts
 from agent.cache import CacheFull, ModelCache, PullFailed
 from agent.fetch import RegistryFetcher
+from agent.runtimes.vagrant import VagrantRuntime, VmGuard
+from agent.runtimes.vagrantfile import VagrantConfig
+from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 from conftest import REQUIREMENTS, TINY_APP
 from miaas.bus import MemoryBus
@@ -573,3 +576,39 @@ def test_extract_refuses_two_entries_of_one_name(tmp_path: Path) -> None:
     with pytest.raises(PullFailed, match="the zip holds 'a.txt' twice"):
         extract_version(archive, manifest, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vm_on_http_model_files_is_exported_its_cached_folder(
+    cluster: Cluster, settings: AgentSettings, pki: Pki, eventually: Any, workdir: Path,
+) -> None:
+    """For a VM the cached folder is what this host's NFS server exports to it (the store is not mounted here)."""
+    from test_agent_vagrant_runtime import FakeDriver, FakeFirewall  # noqa: PLC0415 - helpers of those tests
+
+    model_id = cluster.upload(package())
+    vm_settings = settings.model_copy(update={
+        "runtimes": ["vagrant"], "model_files": "http", "service_registry_url": cluster.book.url,
+        "model_store": workdir / "no-store", "wheelhouse_dir": workdir / "wheels", "port_range": "27100-27199"})
+    driver = FakeDriver()
+    runtime = VagrantRuntime(
+        VagrantConfig(acceleration="tcg"), driver=driver, wheelhouse=Wheelhouse(vm_settings.wheelhouse_dir),
+        model_store=vm_settings.model_store, state_dir=vm_settings.state_dir.absolute(), provision_timeout_s=20,
+        guard=VmGuard(FakeFirewall(), nfs_servers=("192.168.121.1",)),  # type: ignore[arg-type]
+        model_cache=vm_settings.model_cache_path,
+    )
+    cred = pki.credential(vm_settings.agent_id, AGENT)
+    app = create_app(vm_settings, MemoryBus(), credential=lambda: cred, runtimes={"vagrant": runtime})
+    controller = pki.client(app, CONTROLLER)
+    try:
+        controller.post("/create-vm", json={"deployment_id": "dep-vm", "model_id": model_id, "version": 1,
+                                            "runtime": "vagrant"})
+        found = eventually(lambda: (d := controller.get("/deployments/dep-vm").json)["status"] != "provisioning"
+                           and d, 30, "dep-vm settled")
+        assert found["status"] == "running", found
+        exports = (vm_settings.state_dir.absolute() / ".vm-exports.conf").read_text()
+        cached = vm_settings.model_cache_path / model_id / "1" / "model"
+        assert f'Path = "{cached.resolve()}";' in exports and 'Pseudo = "/miaas/dep-vm/app";' in exports
+        controller.post("/stop-vm", json={"deployment_id": "dep-vm"})
+    finally:
+        parts(app).shutdown()
+        runtime.close()
+        driver.close()

@@ -70,6 +70,7 @@ def _vagrant(settings: AgentSettings, gpus: GpuAllocator) -> Runtime:
         exports=VmExports(settings.vagrant_nfs_exports_file.absolute(),
                           reload=sighup_pid_file(settings.vagrant_nfs_pid_file.absolute())),
         guard=VmGuard(NftFirewall(), nfs_servers=(settings.vagrant_nfs_server,)) if settings.vagrant_firewall else None,
+        model_cache=settings.model_cache_path if settings.model_files != "nfs" else None,
     )
 
 

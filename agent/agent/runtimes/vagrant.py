@@ -121,6 +121,7 @@ class VagrantRuntime:
         probe: Callable[[int, str | None], bool] = answers,
         exports: VmExports | None = None,
         guard: VmGuard | None = None,
+        model_cache: Path | None = None,
     ) -> None:
         self.config = config
         self.driver = driver
@@ -132,6 +133,8 @@ class VagrantRuntime:
             atexit.register(self.close)
         self.wheelhouse = wheelhouse
         self.model_store = model_store
+        self.model_cache = model_cache
+        """The agent's model cache (AGENT_MODEL_FILES http or auto): its verified folders are exported too."""
         self.state_dir = state_dir
         self.gpus = gpus or GpuAllocator(lambda: [])
         self.provision_timeout_s = provision_timeout_s
@@ -365,15 +368,19 @@ class VagrantRuntime:
         self._note(vm, f"running: port {spec.port} answers")
 
     def _store_path(self, model_path: Path) -> PurePosixPath:
-        """The version folder relative to the model store root, which the VM mounts from the NFS server."""
-        store = self.model_store.resolve()
-        try:
-            return PurePosixPath(model_path.resolve().relative_to(store).as_posix())
-        except ValueError:
-            raise ProvisionFailed(
-                f"the version folder {model_path} is not under the model store {store} (MODEL_STORE): "
-                "only verified versions of the store are exported to VMs"
-            ) from None
+        """The version folder relative to the model store root (or to the model cache, for a version pulled over
+        HTTP), whose folder this host's NFS server exports to the VM."""
+        roots = [self.model_store.resolve()] + ([self.model_cache.resolve()] if self.model_cache else [])
+        for root in roots:
+            try:
+                return PurePosixPath(model_path.resolve().relative_to(root).as_posix())
+            except ValueError:
+                continue
+        raise ProvisionFailed(
+            f"the version folder {model_path} is not under the model store {roots[0]} (MODEL_STORE)"
+            + (f" nor the model cache {roots[1]}" if len(roots) > 1 else "")
+            + ": only verified versions are exported to VMs"
+        )
 
     def _vagrant_up(self, vm: _Vm, deadline: float) -> None:
         failure: list[BaseException] = []
