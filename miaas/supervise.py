@@ -332,6 +332,9 @@ class Supervisor:
                     if unit.identity != spec.identity:
                         log(f"{name}: changed while no daemon ran; restarting it")
                         self._begin_stop(unit, "start")
+                    elif records[name]["state"] == "stopping":  # the last daemon died during a stop
+                        unit.held = records[name]["held"]
+                        self._begin_stop(unit, "stopped" if unit.held else "start")
                     continue
                 rec = records.get(name, {})
                 unit = self.units[name] = Unit(name, spec=spec, restarts=int(rec.get("restarts", 0)),
@@ -445,6 +448,7 @@ class Supervisor:
             unit.state, unit.since = "stopping", time.time()
             unit.stop_deadline, unit.killed = time.monotonic() + unit.stop_timeout_s, False
             self._signal(unit, signal.SIGTERM)
+            self._save()  # a daemon killed during the stop finishes it (see start)
         elif unit.state != "stopping":
             self._finish_stop(unit)
 
@@ -577,7 +581,8 @@ class Supervisor:
                 self.units.setdefault(name, Unit(name, state="failed")).error = error
             for name in start_order(specs, specs):
                 spec, known = specs[name], self.units.get(name)
-                if known is not None and known.spec is not None and known.spec.identity == spec.identity:
+                if known is not None and known.spec is not None and known.spec.identity == spec.identity \
+                        and known.then != "remove":
                     known.error = None
                     done["unchanged"].append(name)
                     continue
@@ -767,6 +772,9 @@ def ctl(state_dir: Path, request: dict[str, Any], as_json: bool = False) -> int:
             print(f"supervise: no daemon serves {path} ({e.strerror}); start it with "
                   f"`python -m miaas.supervise daemon --units DIR --state {state_dir}`", file=sys.stderr)
             return EXIT_NO_DAEMON
+        except OSError as e:
+            print(f"supervise: cannot reach the daemon at {path}: {e}", file=sys.stderr)
+            return 1
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
         while chunk := sock.recv(65536):

@@ -338,6 +338,23 @@ def test_a_stopped_unit_stays_stopped_under_new_daemons_until_its_file_changes(h
     assert host.copies("web") == [host.when("web", "running")["pid"]]
 
 
+def test_a_stop_cut_short_by_the_daemons_death_is_finished_by_the_next_daemon(host: Host) -> None:
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)"
+    host.unit("stubborn", stubborn, stop_timeout_s=2)
+    host.daemon()
+    pid = host.when("stubborn", "running")["pid"]
+    stop = [*host.daemon_cmd, "ctl", "--state", str(host.state), "stop", "stubborn"]
+    with subprocess.Popen(stop, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as stopping:
+        host.when("stubborn", "stopping")
+        daemon = host.daemon_pid()
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not alive(daemon), BOUND, "the daemon gone")
+        assert stopping.wait(timeout=BOUND) == 1  # its answer never came
+    assert alive(pid)
+    host.daemon()
+    assert host.when("stubborn", "stopped")["held"] is True and not alive(pid) and host.copies("stubborn") == []
+
+
 def test_a_second_daemon_says_who_runs_and_leaves(host: Host) -> None:
     host.unit("web")
     host.daemon()
