@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from miaas import identity
@@ -61,7 +61,8 @@ class ControllerSettings(ServiceSettings):
                                          "after the leader dies, so keep it well under CONTROLLER_LOST_AFTER_S"
     )
     controller_id: str = Field(
-        "", max_length=128, pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+        "", validation_alias=AliasChoices("controller_id", "CONTROLLER_ID"), max_length=128,
+        pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]*$",
         description="this controller's name in the leader lease (CONTROLLER_ID); default <host name>:<port>; two "
                     "controllers on one database need different ids",
     )
