@@ -52,7 +52,7 @@ lease_table = Table(
     Column("epoch", Integer, nullable=False, default=0),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
-"""The lease table, as `migrations/versions/0002_leader_lease.py` makes it."""
+"""The lease table, as the controller's migration 0001 (`migrations/versions/0001_initial.py`) makes it."""
 
 
 class NotLeader(MiaasError):
@@ -100,7 +100,7 @@ class LeaseStore:
     def __init__(self, engine: Engine, name: str = LEASE_NAME) -> None:
         self.engine = engine
         self.name = name
-        # Until the controller's Alembic migrations run at start, the table is made here (0002 makes the same).
+        # Until the controller's Alembic migrations run at start, the table is made here (0001 makes the same).
         metadata.create_all(engine)
 
     def _now(self, conn: Connection) -> datetime:
