@@ -8,27 +8,27 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from alembic.config import Config
 from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
-    Engine,
     Float,
     Integer,
     String,
     Text,
     delete,
     event,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, ORMExecuteState, Session, mapped_column, sessionmaker
-from sqlalchemy.schema import CreateColumn
 
 from controller.lifecycle import Record
+from controller.migrations import MIGRATIONS, VERSION_TABLE
 from controller.states import can_move
+from miaas import migrate
 from miaas.db import make_engine
 from miaas.errors import Conflict, MiaasError, NotFound
 from miaas.schemas import (
@@ -39,6 +39,9 @@ from miaas.schemas import (
     PlacementExplanation,
     Resources,
 )
+
+MIGRATION_LOCK = migrate.lock_key("controller")
+"""The PostgreSQL advisory lock under which a controller upgrades its database."""
 
 
 class Base(DeclarativeBase):
@@ -65,7 +68,7 @@ class DeploymentRow(Base):
     created_by: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # Added with the lifecycle under failure; `upgrade_columns` adds them to databases made before.
+    # Added with the lifecycle under failure; migration 0001 adds them to databases made before migrations.
     priority: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"), index=True)
     generation: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
@@ -115,8 +118,7 @@ class DeploymentRow(Base):
 class IdempotencyRow(Base):
     """One `Idempotency-Key` of `POST /controller/deploy`: the deployment it made, for whom, for which request.
 
-    Written in the transaction that adds the deployment, so a key and its deployment exist together or not at all.
-    `create_all` adds this table to a database made before it (the controller has no migrations)."""
+    Written in the transaction that adds the deployment, so a key and its deployment exist together or not at all."""
 
     __tablename__ = "idempotency_keys"
 
@@ -144,22 +146,13 @@ class KeyReused(MiaasError):
     status, code = 422, "idempotency_key_reused"
 
 
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic config for the controller's migrations, built in code (no alembic.ini); `url` for the CLI way."""
+    return migrate.alembic_config(MIGRATIONS, VERSION_TABLE, url)
+
+
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def upgrade_columns(engine: Engine) -> list[str]:
-    """Add the columns a database made by an older controller lacks (each has a default); the names added."""
-    table = Base.metadata.tables[DeploymentRow.__tablename__]
-    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
-    added = []
-    with engine.begin() as conn:
-        for column in table.columns:
-            if column.name not in present:
-                ddl = CreateColumn(column).compile(dialect=engine.dialect)
-                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
-                added.append(column.name)
-    return added
 
 
 UNSET: Any = object()
@@ -180,8 +173,11 @@ class DeploymentStore:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
-        upgrade_columns(self.engine)
+        try:
+            self.create_schema()
+        except BaseException:
+            self.engine.dispose()  # a controller that cannot start leaves no connection open
+            raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self.commits = 0
         """Transactions that wrote, counted once committed: a memo of rows is current while this number stands."""
@@ -189,6 +185,12 @@ class DeploymentStore:
         event.listen(self._session, "after_flush", _mark_written)
         event.listen(self._session, "do_orm_execute", _mark_written_by_statement)
         event.listen(self._session, "after_commit", self._count_commit)
+
+    def create_schema(self) -> None:
+        """Bring the database to the newest schema (`alembic upgrade head`, on this store's engine), every table of
+        the controller's included; one controller at a time on PostgreSQL, and a database made before migrations is
+        adopted with its rows (`miaas.migrate`)."""
+        migrate.upgrade_to_head(self.engine, alembic_config(), MIGRATION_LOCK)
 
     def guard_writes(self, guard: Callable[[Session], None]) -> None:
         """Run `guard(session)` in every transaction that writes, before it writes; what it raises undoes the
