@@ -98,10 +98,8 @@ class LeaseStore:
     """The lease row: claimed (taken when expired, renewed while held) in one transaction, compare-and-set."""
 
     def __init__(self, engine: Engine, name: str = LEASE_NAME) -> None:
-        self.engine = engine
+        self.engine = engine  # a database the controller's migrations made (`DeploymentStore` runs them)
         self.name = name
-        # Until the controller's Alembic migrations run at start, the table is made here (0001 makes the same).
-        metadata.create_all(engine)
 
     def _now(self, conn: Connection) -> datetime:
         """The database's clock (PostgreSQL); SQLite serves one host, whose clock it is."""

@@ -23,10 +23,9 @@ from controller.commands import Refused, send_command
 from controller.leader import Deposed, Leader, LeaseStore, NotLeader, lease_table
 from controller.service import Controller
 from controller.settings import ControllerSettings
-from controller.store import DeploymentRow
+from controller.store import DeploymentRow, DeploymentStore
 from miaas import identity
 from miaas.bus import DEPLOYMENT_EVENTS, SYSTEM_METRICS, MemoryBus
-from miaas.db import make_engine
 from miaas.schemas import AgentMetrics, DeploymentEvent
 from miaas.serve import Server
 from miaas.testing import Pki, postgres_schema
@@ -46,6 +45,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 # ---------------------------------------------------------------------------------------------- the lease alone
 
 
+def lease_on(url: str) -> LeaseStore:
+    """The lease of a database made by the controller's migrations (as a controller starting on it makes it)."""
+    return LeaseStore(DeploymentStore(url).engine)
+
+
 def expire(lease: LeaseStore) -> None:
     """The lease runs out now (its holder died without a word, and the time passed)."""
     with lease.engine.begin() as conn:
@@ -53,7 +57,7 @@ def expire(lease: LeaseStore) -> None:
 
 
 def test_one_claimant_holds_the_lease_and_a_takeover_adds_one_to_the_epoch(database_url: str) -> None:
-    lease = LeaseStore(make_engine(database_url))
+    lease = lease_on(database_url)
     # given a free lease: the first claimant takes it at epoch 1, the second finds it held
     won, held = lease.claim("a", "http://a:1", None, ttl_s=30)
     assert won and (held.holder_id, held.holder_url, held.epoch) == ("a", "http://a:1", 1)
@@ -79,7 +83,7 @@ def test_one_claimant_holds_the_lease_and_a_takeover_adds_one_to_the_epoch(datab
 
 def test_claimants_at_once_take_an_expired_lease_once(database_url: str) -> None:
     # given an expired lease and eight controllers claiming it together
-    lease = LeaseStore(make_engine(database_url))
+    lease = lease_on(database_url)
     lease.claim("first", None, None, ttl_s=30)
     expire(lease)
     start = threading.Barrier(8)
@@ -104,7 +108,7 @@ def test_claimants_at_once_take_an_expired_lease_once(database_url: str) -> None
 def test_a_leader_stops_acting_before_its_lease_ends(tmp_path: Path) -> None:
     # given a leader on a clock of its own, with a lease of 6 s (it stops acting 1 s before the end)
     now = [100.0]
-    leader = Leader(LeaseStore(make_engine(f"sqlite:///{tmp_path / 'l.db'}")), "a", url=None, ttl_s=6,
+    leader = Leader(lease_on(f"sqlite:///{tmp_path / 'l.db'}"), "a", url=None, ttl_s=6,
                     monotonic=lambda: now[0])
     assert leader.claim() and leader.fence() == 1
     now[0] += 4.9
@@ -343,7 +347,7 @@ def test_a_standby_decides_nothing_even_with_work_due(make_pair: Any, tmp_path: 
 def test_the_lease_is_timed_by_the_database_on_postgresql(request: pytest.FixtureRequest) -> None:
     # given the lease on PostgreSQL, whose clock the claims read (now()), not the host's
     with postgres_schema(request.getfixturevalue("postgres_url"), "lease") as url:
-        lease = LeaseStore(make_engine(url))
+        lease = lease_on(url)
         won, held = lease.claim("a", None, None, ttl_s=5)
         with lease.engine.begin() as conn:
             stored = conn.execute(lease_table.select()).one()
