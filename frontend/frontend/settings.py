@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from frontend.passwords import MAX_SCRYPT_N, SCRYPT_N
 from miaas.settings import ServiceSettings, check_secret
@@ -13,13 +15,15 @@ THREADS_FOR_PAGES = 8  # worker threads always left to pages when every live str
 
 
 class FrontendSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="FRONTEND_")
+    # Errors never echo what was given: a database URL holds a password, and the admin password is one.
+    model_config = SettingsConfigDict(env_prefix="FRONTEND_", hide_input_in_errors=True)
 
     port: int = Field(8080, ge=0, le=65535)
     secret_key: SecretStr = Field(description="signs the session cookie; `openssl rand -hex 32`")
     admin_username: str = Field("admin", min_length=1, max_length=64, description="first admin, created once")
     admin_password: SecretStr = Field(description="password of the first admin; only used on the first start")
-    database_url: str = Field("sqlite:///.miaas/frontend.db", description="where the portal keeps its users")
+    database_url: str = Field("sqlite:///.miaas/frontend.db", description="where the portal keeps its users: "
+                              "`sqlite:///PATH` (one host) or `postgresql+psycopg://USER:PASSWORD@HOST/DB`")
     secure_cookies: bool = Field(False, description="mark cookies Secure: set True behind HTTPS")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest model zip the portal accepts")
     session_hours: float = Field(12.0, gt=0, description="how long a login lasts at most")
@@ -59,6 +63,20 @@ class FrontendSettings(ServiceSettings):
     @classmethod
     def _admin_password_is_real(cls, value: SecretStr) -> SecretStr:
         return check_secret(value, "FRONTEND_ADMIN_PASSWORD", MIN_PASSWORD_LENGTH)
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_is_sqlite_or_postgresql(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"FRONTEND_DATABASE_URL is not a database URL: {exc}") from None
+        if url.drivername in ("postgresql", "postgres"):  # the plain name means psycopg2, which is not installed
+            url = url.set(drivername="postgresql+psycopg")
+        if url.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+            raise ValueError(f"FRONTEND_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg://..., not "
+                             f"{url.drivername}://")
+        return url.render_as_string(hide_password=False)
 
     @field_validator("kafka_ui_url")
     @classmethod

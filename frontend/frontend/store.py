@@ -11,11 +11,14 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import DateTime, ForeignKey, Integer, String, delete, func, select, update
+from alembic.config import Config
+from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from frontend.migrations import MIGRATIONS, VERSION_TABLE
 from frontend.passwords import PasswordHasher
+from miaas import migrate
 from miaas.db import make_engine, sqlite_file
 from miaas.errors import BadRequest, Conflict, NotFound
 
@@ -49,8 +52,22 @@ class User:
     created_at: datetime
 
 
+MIGRATION_LOCK = migrate.lock_key("frontend")
+"""The PostgreSQL advisory lock under which a portal upgrades its database."""
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic config for the portal's migrations, built in code (no alembic.ini); `url` for the CLI way."""
+    return migrate.alembic_config(MIGRATIONS, VERSION_TABLE, url)
+
+
 class _Base(DeclarativeBase):
     pass
+
+
+def metadata() -> MetaData:
+    """The portal's tables, as the migrations make them."""
+    return _Base.metadata
 
 
 class _UserRow(_Base):
@@ -172,11 +189,20 @@ class UserStore:
         self.hasher = hasher or PasswordHasher()
         db_file = sqlite_file(database_url)
         self.engine = make_engine(database_url)
-        _Base.metadata.create_all(self.engine)
+        try:
+            self.create_schema()
+        except BaseException:
+            self.engine.dispose()  # a portal that cannot start leaves no connection open
+            raise
         if db_file is not None:  # password hashes are for the portal's eyes only
             db_file.chmod(0o600)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._dummy_hash: str | None = None
+
+    def create_schema(self) -> None:
+        """Bring the database to the newest schema (`alembic upgrade head`, on this store's engine); one portal at a
+        time on PostgreSQL, and a database made before migrations is adopted with its rows (`miaas.migrate`)."""
+        migrate.upgrade_to_head(self.engine, alembic_config(), MIGRATION_LOCK)
 
     def count(self) -> int:
         with self._session() as s:

@@ -3,6 +3,10 @@
 The fakes stand in for the HTTP contract of other services and are served over real HTTP; like the real ones they
 check each request's signature against the test CA (`pki`), and they record what the portal sent them and who
 signed it.
+
+The portal's database is a SQLite file; the tests of the modules in `ON_BOTH_DATABASES` (those about what the store
+keeps: accounts, sessions, tokens, hashes) run twice, on SQLite and on a fresh schema of the session's PostgreSQL
+database.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from miaas.schemas import (
     PackageMeta,
 )
 from miaas.serve import Server
-from miaas.testing import Pki
+from miaas.testing import Pki, postgres_schema
 from miaas.web import ServiceAuth, install_errors
 
 ADMIN = "admin"
@@ -53,6 +57,14 @@ PACKAGE_FILES = {
 ADMIN_PASSWORD = "correct horse battery staple"
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 TEST_SCRYPT_N = 2**10
+ON_BOTH_DATABASES = frozenset({"test_frontend_users", "test_frontend_api", "test_frontend_security",
+                               "test_frontend_migrations"})
+"""Test modules whose every test using the portal's database runs on SQLite and on PostgreSQL."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_url" in metafunc.fixturenames and metafunc.module.__name__.rpartition(".")[2] in ON_BOTH_DATABASES:
+        metafunc.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 
 
 def model_version(model_id: str, name: str, version: int, description: str = "") -> ModelVersion:
@@ -385,13 +397,24 @@ def locate(
 
 
 @pytest.fixture
-def settings(workdir: Path, pki: Pki) -> FrontendSettings:
+def database_url(request: pytest.FixtureRequest, workdir: Path) -> Iterator[str]:
+    """A fresh, empty database for the portal: a SQLite file, or (where the test is parametrized so) a new schema,
+    first on the search path, of the session's PostgreSQL database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield f"sqlite:///{workdir / 'frontend.db'}"
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url"), "portal") as url:
+        yield url
+
+
+@pytest.fixture
+def settings(pki: Pki, database_url: str) -> FrontendSettings:
     return FrontendSettings(
         **pki.settings("frontend"),
         secret_key=secrets.token_hex(32),
         admin_username=ADMIN,
         admin_password=ADMIN_PASSWORD,
-        database_url=f"sqlite:///{workdir / 'frontend.db'}",
+        database_url=database_url,
         service_registry_url=None,
         consume_bus=False,
         # Cheap hashes keep the suite fast; test_frontend_security.py checks the real cost (N=2^17) once.
