@@ -133,10 +133,11 @@ class NetnsHosts:
         """(Re)start the host: its sshd in a fresh private mount namespace with the host's own folders."""
         h = self.hosts[name]
         binds = " && ".join(f"mount --bind {h.root / m.strip('/').replace('/', '-')} {m}" for m in MOUNTS)
-        h.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", h.netns, "unshare", "-m", "--propagation", "private", "sh", "-c",
-             f"{binds} && exec /usr/sbin/sshd -D -e -f {h.root / 'sshd_config'}"],
-            stdout=open(h.root / "sshd.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+        with open(h.root / "sshd.log", "ab") as log:
+            h.sshd = subprocess.Popen(
+                ["ip", "netns", "exec", h.netns, "unshare", "-m", "--propagation", "private", "sh", "-c",
+                 f"{binds} && exec /usr/sbin/sshd -D -e -f {h.root / 'sshd_config'}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_ssh(self, h: NetnsHost, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

@@ -8,9 +8,13 @@ checked on every later run (`accept-new`). `BatchMode=yes` means no password or 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import shlex
+import stat
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ class Ssh:
     state_dir: Path
 
     def __post_init__(self) -> None:
-        (self.state_dir / "ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.control_dir = control_dir(self.state_dir)
         self.known_hosts = self.config.ssh_known_hosts or (self.state_dir / "known_hosts")
 
     def base(self, host: Host) -> list[str]:
@@ -46,7 +50,7 @@ class Ssh:
             "-o", f"StrictHostKeyChecking={strict}", "-o", f"UserKnownHostsFile={self.known_hosts}",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5",
             "-o", "ServerAliveCountMax=3", "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={self.state_dir / 'ssh'}/%C", "-o", "ControlPersist=120", "-o", "LogLevel=ERROR",
+            "-o", f"ControlPath={self.control_dir}/%C", "-o", "ControlPersist=120", "-o", "LogLevel=ERROR",
         ]
         if self.config.ssh_key is not None:
             argv += ["-i", str(self.config.ssh_key), "-o", "IdentitiesOnly=yes"]
@@ -115,6 +119,18 @@ class Ssh:
 
     def close(self, host: Host) -> None:
         subprocess.run([*self.base(host)[:-1], "-O", "exit", self.base(host)[-1]], capture_output=True, timeout=10)
+
+
+def control_dir(state_dir: Path) -> Path:
+    """A short folder for the multiplexed connections' sockets (a Unix socket's path has at most 107 bytes, too
+    few under a deep state folder): `/tmp/miaas-ssh-<uid>/<hash of the state folder>`, ours and 0700 or refused."""
+    base = Path(tempfile.gettempdir()) / f"miaas-ssh-{os.getuid()}"
+    for d in (base, base / hashlib.sha256(str(state_dir).encode()).hexdigest()[:10]):
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = d.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise OSError(f"{d} is not a private folder of this user: remove it")
+    return d
 
 
 def _ssh_reason(stderr: str) -> str:
