@@ -573,7 +573,23 @@ def uninstall(job: dict[str, Any]) -> dict[str, Any]:
     return {"changed": changed}
 
 
-ACTIONS = {"facts": facts, "apply": apply, "ensure_user": ensure_user, "install_packages": install_packages,
+def batch(job: dict[str, Any]) -> dict[str, Any]:
+    """Several actions in one SSH round trip, in order; the first failure stops the rest and names its step."""
+    changed: list[str] = []
+    results: list[dict[str, Any]] = []
+    for step in job["steps"]:
+        step = {"dry_run": job.get("dry_run", False), **step}
+        try:
+            result = ACTIONS[step["action"]](step)
+        except Failed as exc:
+            raise Failed(f"{step['action']}: {exc}") from exc
+        changed += result.get("changed", [])
+        results.append(result)
+    return {"changed": changed, "results": results}
+
+
+ACTIONS = {"batch": batch, "facts": facts, "apply": apply,
+           "ensure_user": ensure_user, "install_packages": install_packages,
            "install_release": install_release, "postgres_init": postgres_init,
            "postgres_databases": postgres_databases, "supervise": supervise, "ctl": ctl,
            "wait_health": wait_health, "uninstall": uninstall}

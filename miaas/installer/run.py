@@ -56,6 +56,8 @@ class Installer:
     check: bool = False  # say what would change, change nothing
     out: Callable[[str], None] = print
     ssh: Ssh = field(init=False)
+    wheels: Path = field(init=False)
+    digest: str = field(init=False)
     changed: dict[str, list[str]] = field(default_factory=dict)
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -105,6 +107,7 @@ class Installer:
         self.say(f"cluster {self.config.path}: {len(self.config.hosts)} hosts"
                  + (f", installing {self.only} only" if self.only else "") + (" (check: nothing is changed)"
                                                                                 if self.check else ""))
+        self.wheels, self.digest = build_wheelhouse(self.state_dir / "wheels", self.say)
         self.gather_facts()
         self.verify_hosts()
         self.install_packages()
@@ -127,7 +130,7 @@ class Installer:
         def one(h: Host) -> dict[str, Any]:
             t0 = time.time()
             f = self.ssh.job(h, "facts", ports=ports, packages=packages,
-                             exists=[AGENT_CREDENTIAL, f"{PG_DATA}/PG_VERSION"],
+                             exists=[AGENT_CREDENTIAL, f"{PG_DATA}/PG_VERSION", self._release_mark()],
                              read_env={f"{ETC}/env/agent.env": ["AGENT_JOIN_TOKEN"]}, timeout=60)
             f["skew"] = f["time"] - (t0 + time.time()) / 2
             return f
@@ -172,28 +175,28 @@ class Installer:
         wanted = list(PACKAGES["*"]) + [p for role in h.roles for p in PACKAGES.get(role, [])]
         return [p for p in wanted if p in self.facts[h.name]["missing_packages"]]
 
+    def _release_mark(self) -> str:
+        return f"/opt/miaas/releases/{self.digest}/.complete"
+
     def install_packages(self) -> None:
         def one(h: Host) -> None:
             missing = self._missing(h)
             if missing:
                 r = self.ssh.job(h, "install_packages", packages=missing, dry_run=self.check, timeout=1200)
                 self.note(h, "packages", r["changed"])
-            r = self.ssh.job(h, "ensure_user", name=render.SERVICE_USER, dry_run=self.check, timeout=60)
-            self.note(h, "users", r["changed"])
 
-        self.each(self.targets, one)
+        self.each([h for h in self.targets if self._missing(h)], one)
 
     # ------------------------------------------------------------------ software
 
     def ship_release(self) -> str:
         """Build the wheels once here (cached by the source's digest), ship them where the release is missing,
         install each host's release virtualenv with no package index; the release's interpreter path."""
-        wheels, digest = build_wheelhouse(self.state_dir / "wheels", self.say)
+        wheels, digest = self.wheels, self.digest
         python = f"/opt/miaas/releases/{digest}/venv/bin/python"
 
         def one(h: Host) -> None:
-            f = self.ssh.job(h, "facts", exists=[f"/opt/miaas/releases/{digest}/.complete"], timeout=60)
-            if f["exists"][f"/opt/miaas/releases/{digest}/.complete"]:
+            if self.facts[h.name]["exists"][self._release_mark()]:
                 return
             if self.check:
                 self.note(h, "software", [f"release {digest}"])
@@ -263,23 +266,23 @@ class Installer:
                 for u in p.units:
                     if u.role in upto:
                         files += p.unit_files(u)
-                r = self.ssh.job(h, "apply", dirs=p.dirs, files=[f.job() for f in files], dry_run=self.check)
-                self.note(h, "files", r["changed"])
-                if "database" in wave and any(u.role == "database" for u in p.units):
-                    r = self.ssh.job(h, "postgres_init", data=PG_DATA, dry_run=self.check, timeout=300)
-                    self.note(h, "database", r["changed"])
-                r = self.ssh.job(h, "supervise", dry_run=self.check, timeout=180)
-                self.note(h, "services", r["changed"])
-                if self.check:
-                    return
+                has_db = "database" in wave and any(u.role == "database" for u in p.units)
+                steps: list[dict[str, Any]] = []
+                if first:
+                    steps.append({"action": "ensure_user", "name": render.SERVICE_USER})
+                steps.append({"action": "apply", "dirs": p.dirs, "files": [f.job() for f in files]})
+                if has_db:
+                    steps.append({"action": "postgres_init", "data": PG_DATA})
+                steps.append({"action": "supervise"})
                 units = p.roles_in(wave)
-                if units:
-                    self.ssh.job(h, "wait_health", urls={u.name: u.health for u in units}, timeout_s=120,
-                                 timeout=180)
-                if "database" in wave and any(u.role == "database" for u in p.units):
-                    r = self.ssh.job(h, "postgres_databases", socket_dir=PG_SOCKET, port=self.config.ports["database"],
-                                     databases=self._databases(), timeout=120)
-                    self.note(h, "database", r["changed"])
+                if units and not self.check:
+                    steps.append({"action": "wait_health", "urls": {u.name: u.health for u in units},
+                                  "timeout_s": 120})
+                if has_db and not self.check:
+                    steps.append({"action": "postgres_databases", "socket_dir": PG_SOCKET,
+                                  "port": self.config.ports["database"], "databases": self._databases()})
+                r = self.ssh.job(h, "batch", steps=steps, dry_run=self.check, timeout=600)
+                self.note(h, "changes", r["changed"])
 
             self.each([p.host for p in hosts], lambda h: one(plans[h.name]))
             first = False
@@ -292,9 +295,8 @@ class Installer:
             files = list(p.common) + [f for u in p.units for f in p.unit_files(u)]
             r = self.ssh.job(h, "apply", dirs=p.dirs, files=[f.job() for f in files], dry_run=self.check,
                              remove_unlisted=[f"{ETC}/units/*.json", f"{ETC}/env/*.env", f"{ETC}/pki/*.json"])
-            removed = [c for c in r["changed"] if c.startswith("-")]
-            self.note(h, "removed", removed)
-            if removed and not self.check:
+            self.note(h, "removed", r["changed"])
+            if r["changed"] and not self.check:
                 self.note(h, "services", self.ssh.job(h, "supervise", timeout=180)["changed"])
 
         self.each(self.targets, prune)
