@@ -193,6 +193,7 @@ def facts(job: dict[str, Any]) -> dict[str, Any]:
         "exists": {p: os.path.exists(p) for p in job.get("exists", [])},
         "env": env_values, "supervisor": _supervisor_running(), "hostname": platform.node(),
         "pg_bin": _pg_bin_or_none(),
+        "releases": sorted(Path(p).parent.name for p in glob.glob(f"{RELEASES}/*/.complete")),
     }
 
 

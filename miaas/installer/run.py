@@ -107,9 +107,9 @@ class Installer:
         self.say(f"cluster {self.config.path}: {len(self.config.hosts)} hosts"
                  + (f", installing {self.only} only" if self.only else "") + (" (check: nothing is changed)"
                                                                                 if self.check else ""))
-        self.wheels, self.digest = build_wheelhouse(self.state_dir / "wheels", self.say)
         self.gather_facts()
         self.verify_hosts()
+        self.wheels, self.digest = build_wheelhouse(wheel_cache(), self.say)
         self.install_packages()
         release = self.ship_release()
         inputs = self.identities(release)
@@ -130,7 +130,7 @@ class Installer:
         def one(h: Host) -> dict[str, Any]:
             t0 = time.time()
             f = self.ssh.job(h, "facts", ports=ports, packages=packages,
-                             exists=[AGENT_CREDENTIAL, f"{PG_DATA}/PG_VERSION", self._release_mark()],
+                             exists=[AGENT_CREDENTIAL, f"{PG_DATA}/PG_VERSION"],
                              read_env={f"{ETC}/env/agent.env": ["AGENT_JOIN_TOKEN"]}, timeout=60)
             f["skew"] = f["time"] - (t0 + time.time()) / 2
             return f
@@ -175,9 +175,6 @@ class Installer:
         wanted = list(PACKAGES["*"]) + [p for role in h.roles for p in PACKAGES.get(role, [])]
         return [p for p in wanted if p in self.facts[h.name]["missing_packages"]]
 
-    def _release_mark(self) -> str:
-        return f"/opt/miaas/releases/{self.digest}/.complete"
-
     def install_packages(self) -> None:
         def one(h: Host) -> None:
             missing = self._missing(h)
@@ -196,7 +193,7 @@ class Installer:
         python = f"/opt/miaas/releases/{digest}/venv/bin/python"
 
         def one(h: Host) -> None:
-            if self.facts[h.name]["exists"][self._release_mark()]:
+            if digest in self.facts[h.name]["releases"]:
                 return
             if self.check:
                 self.note(h, "software", [f"release {digest}"])
@@ -413,6 +410,14 @@ def source_digest(repo: Path = REPO) -> str:
         h.update(str(p.relative_to(repo)).encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+def wheel_cache() -> Path:
+    """The operator's wheel cache, shared by every cluster it installs: `MIAAS_WHEEL_CACHE`, else
+    `$XDG_CACHE_HOME/miaas/wheels` (default ~/.cache)."""
+    if os.environ.get("MIAAS_WHEEL_CACHE"):
+        return Path(os.environ["MIAAS_WHEEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "miaas" / "wheels"
 
 
 def build_wheelhouse(root: Path, say: Callable[[str], None], repo: Path = REPO) -> tuple[Path, str]:
