@@ -110,13 +110,28 @@ class ServiceClient:
         self.session.close()
 
 
+class UpstreamAnswer(UpstreamError):
+    """A peer's error answer that is our upstream's problem, not our caller's (401/403: it refused our credentials;
+    5xx: it failed, or is not the instance to ask; any answer not in our error shape): passed on as 502
+    `upstream_error`, with what the peer answered kept in `answered_status` and `answered_code` (None when its body
+    was not our error shape)."""
+
+    def __init__(self, message: str, *, answered_status: int, answered_code: str | None,
+                 details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.answered_status = answered_status
+        self.answered_code = answered_code
+
+
 def _remote_error(resp: requests.Response, what: str) -> Exception:
     try:
         err = resp.json()["error"]
         code, message, details = str(err["code"]), str(err["message"]), err.get("details")
     except (ValueError, KeyError, TypeError):
-        return UpstreamError(f"{what} answered {resp.status_code}: {resp.text[:200]}")
+        return UpstreamAnswer(f"{what} answered {resp.status_code}: {resp.text[:200]}",
+                              answered_status=resp.status_code, answered_code=None)
     if resp.status_code in (401, 403) or resp.status_code >= 500:
         # A peer refusing our credentials, or failing, is our upstream's problem, not the caller's.
-        return UpstreamError(f"{what} answered {resp.status_code} {code}: {message}", details=details)
+        return UpstreamAnswer(f"{what} answered {resp.status_code} {code}: {message}",
+                              answered_status=resp.status_code, answered_code=code, details=details)
     return RemoteError(resp.status_code, code, message, details)

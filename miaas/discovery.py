@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import requests
+from urllib3.exceptions import ConnectTimeoutError
 
-from miaas.client import ServiceClient
+from miaas.client import ServiceClient, UpstreamAnswer
 from miaas.errors import MiaasError, RemoteError, Unavailable
 from miaas.identity import Credential, CredentialSource
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 NOT_THE_ONE = ("not_leader", "stale_leader")  # codes of an instance that is not the one to ask
 LOOKUPS_PAST_AVOIDED = 3  # the registry takes turns among instances: asking again finds another
+CAUSES_LOOKED_AT = 4  # an error, what it was raised from, and so on
 
 
 class Discovery:
@@ -67,28 +69,47 @@ class Discovery:
             if url is not None:
                 self._avoided[(name, url)] = time.monotonic() + self.avoid_s
 
-    def call(self, name: str, fn: Callable[[str], T]) -> T:
+    def call(self, name: str, fn: Callable[[str], T], *, resend: bool = True) -> T:
         """`fn(url)` on an instance of `name`; when it cannot be reached or answers `not_leader`, that instance is
-        forgotten (and avoided) and `fn` is called once more on another one found anew."""
+        forgotten (and avoided) and `fn` is called once more on another one found anew.
+
+        `resend=False` (a write that must not be made twice, a body that can be sent only once): a connection
+        that broke once the request may have been sent is not retried, only one never made (and a refusal)."""
         url = self.lookup(name)
         try:
             return fn(url)
         except (requests.ConnectionError, MiaasError) as exc:
-            if not _gone(exc):
+            if not _gone(exc, resend):
                 raise
             log.info("%s at %s did not serve (%s); looking it up again", name, url, exc)
             self.forget(name, url)
         return fn(self.lookup(name))
 
 
-def _gone(exc: BaseException) -> bool:
-    """A failure that says to ask another instance: no connection, or a standby's (or deposed leader's) 503
-    `not_leader` / `stale_leader`, which `ServiceClient` passes on as an UpstreamError naming the code."""
-    if isinstance(exc, RemoteError):
-        return exc.code in NOT_THE_ONE
-    if isinstance(exc, MiaasError) and any(f"503 {code}:" in exc.message for code in NOT_THE_ONE):
+def _gone(exc: BaseException, resend: bool = True) -> bool:
+    """A failure that says to ask another instance: no connection, or a standby's (or deposed leader's)
+    `not_leader` / `stale_leader`, as a `RemoteError` or as the `UpstreamAnswer` `ServiceClient` makes of a 503;
+    looked for in `exc` and the exceptions it was raised from (a caller's own error wrapping ours)."""
+    seen: BaseException | None = exc
+    for _ in range(CAUSES_LOOKED_AT):
+        if seen is None:
+            return False
+        if isinstance(seen, RemoteError) and seen.code in NOT_THE_ONE:
+            return True
+        if isinstance(seen, UpstreamAnswer) and seen.answered_code in NOT_THE_ONE:
+            return True
+        if isinstance(seen, requests.ConnectionError):
+            return resend or _never_connected(seen)
+        seen = seen.__cause__
+    return False
+
+
+def _never_connected(exc: requests.ConnectionError) -> bool:
+    """The connection was not made (refused, no route, name not found, connect timeout): nothing was sent."""
+    if isinstance(exc, requests.ConnectTimeout):
         return True
-    return isinstance(exc, requests.ConnectionError) or isinstance(exc.__cause__, requests.ConnectionError)
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, ConnectTimeoutError)  # NewConnectionError and NameResolutionError are ones too
 
 
 class Registration:

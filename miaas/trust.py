@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from miaas import identity
 from miaas.client import ServiceClient
 from miaas.settings import ServiceSettings
 from miaas.web import RevocationList, ServiceAuth
+
+if TYPE_CHECKING:
+    from miaas.discovery import Discovery
 
 REVOKED_PATH = "/controller/identities/revoked"
 
@@ -52,16 +56,24 @@ class Trust:
 def revoked_from_controller(controller_url: Callable[[], str], credential: identity.CredentialSource,
                             ) -> Callable[[], Iterable[str]]:
     """A fetch of the revocation list from the controller found by `controller_url()`."""
+    return lambda: revoked_at(controller_url(), credential)
 
-    def fetch() -> Iterable[str]:
-        client = ServiceClient(controller_url(), credential, timeout=3.0)
-        try:
-            answer = client.get(REVOKED_PATH)
-        finally:
-            client.close()
-        return [str(s) for s in answer["serials"]]
 
-    return fetch
+def revoked_through(discovery: Discovery, credential: identity.CredentialSource) -> Callable[[], Iterable[str]]:
+    """A fetch of the revocation list from the controller the service registry lists; a controller that does not
+    answer or is a standby is forgotten and the fetch made once more on another (`Discovery.call`), so a takeover
+    is followed at once."""
+    return lambda: discovery.call("controller", lambda url: revoked_at(url, credential))
+
+
+def revoked_at(url: str, credential: identity.CredentialSource) -> list[str]:
+    """The serials the controller at `url` lists as revoked."""
+    client = ServiceClient(url, credential, timeout=3.0)
+    try:
+        answer = client.get(REVOKED_PATH)
+    finally:
+        client.close()
+    return [str(s) for s in answer["serials"]]
 
 
 def trust_from_settings(
@@ -73,13 +85,12 @@ def trust_from_settings(
     cred = credential or identity.CredentialFile(settings.credential_file)
     if revocations is None:
         fetch = None
-        if controller_url is None and settings.service_registry_url:
-            from miaas.discovery import Discovery
-
-            discovery = Discovery(settings.service_registry_url, cred)
-            controller_url = lambda: discovery.lookup("controller")  # noqa: E731
         if controller_url is not None:
             fetch = revoked_from_controller(controller_url, cred)
+        elif settings.service_registry_url:
+            from miaas.discovery import Discovery
+
+            fetch = revoked_through(Discovery(settings.service_registry_url, cred), cred)
         revocations = RevocationList(fetch, interval_s=settings.revocation_interval_s)
     verifier = identity.Verifier(identity.load_ca_public(settings.ca_file), revoked=revocations)
     return Trust(cred, verifier, revocations)

@@ -39,16 +39,33 @@ from miaas.web import USER_HEADER
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 MODEL_REGISTRY = "model-registry"
 CONTROLLER = "controller"
 AGENT = "agent"
 TITLES = {MODEL_REGISTRY: "model registry", CONTROLLER: "controller", AGENT: "agent"}
 AGENT_URLS_TTL_S = 10.0
+SAFE_METHODS = ("GET", "HEAD")  # sent again on another instance after a broken connection
 MAX_FILE_BYTES = 2 << 20  # the viewer shows at most this much of one file
 
 Locate = Callable[[str], str]
-"""How the portal reaches a service: its name in, the base URL of a live instance out."""
+"""How the portal reaches a service: its name in, the base URL of a live instance out. A `Discovered` one also
+retries a call on another instance (after a controller takeover)."""
+
+
+class Discovered:
+    """The `Locate` of the service registry: `discovery.lookup`, and `call` (`Discovery.call`), which forgets an
+    instance that does not answer or is a standby and tries once more on another."""
+
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
+
+    def __call__(self, name: str) -> str:
+        return self.discovery.lookup(name)
+
+    def call(self, name: str, fn: Callable[[str], T], *, resend: bool = True) -> T:
+        return self.discovery.call(name, fn, resend=resend)
 
 
 def discover(registry_url: str | None, credential: CredentialSource) -> Locate:
@@ -59,7 +76,7 @@ def discover(registry_url: str | None, credential: CredentialSource) -> Locate:
             raise Unavailable(f"no service registry is configured (MIAAS_SERVICE_REGISTRY_URL) to find '{name}'")
 
         return nowhere
-    return Discovery(registry_url, credential).lookup
+    return Discovered(Discovery(registry_url, credential))
 
 
 class BackendDown(UpstreamError):
@@ -350,15 +367,33 @@ class Backends:
             raise PortalRefused(service, "The portal cannot read its own credential (FRONTEND_CREDENTIAL_FILE), so "
                                 "it cannot call the other services. An operator must fix the portal's credential.",
                                 "credential_unreadable") from exc
+
+        def send(url: str) -> requests.Response:
+            return self._send_to(url, service, user, method, path, headers=headers, timeout=timeout, **kw)
+
+        if base is not None:
+            return send(base)
         try:
-            client = self._client(base or self.locate(service))
+            if isinstance(self.locate, Discovered):
+                # Once more on another instance when this one does not answer or is a standby (a takeover); a
+                # request whose body may have reached it is not sent twice (a deploy, an upload's stream).
+                return self.locate.call(service, send, resend=method in SAFE_METHODS)
+            url = self.locate(service)
+        except (BackendDown, RemoteError):  # the service's own answer (or its absence), said by `_send_to`
+            raise
+        except MiaasError as exc:  # the service registry could not be asked, or lists no instance
+            log.warning("%s %s on %s failed: %s", method, path, service, exc.message)
+            raise self._down(service) from exc
+        return send(url)
+
+    def _send_to(self, url: str, service: str, user: str, method: str, path: str, *,
+                 headers: dict[str, str] | None, timeout: Any, **kw: Any) -> requests.Response:
+        try:
+            client = self._client(url)
             resp = client.session.request(method, f"{client.base_url}{path}", timeout=timeout or self.timeout_s,
                                           headers={USER_HEADER: user, **(headers or {})}, **kw)
         except requests.RequestException as exc:
             log.warning("%s %s on %s failed: %s", method, path, service, exc)
-            raise self._down(service) from exc
-        except MiaasError as exc:
-            log.warning("%s %s on %s failed: %s", method, path, service, exc.message)
             raise self._down(service) from exc
         if resp.status_code >= 400:
             if resp.status_code in (401, 403):
