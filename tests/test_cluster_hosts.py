@@ -337,7 +337,9 @@ def test_models_keep_serving_while_the_model_registry_host_is_down(cluster: Clus
         if resp.status_code in (200, 201, 202):
             d = cluster.running(resp.json()["deployment_id"])
             assert predict(d["url"])["predictions"] == [6.5]
+            print(f"registry host down: a deploy of the cached version runs on {d['agent_id']}")
         else:
+            print(f"registry host down: a deploy is refused: {resp.status_code} {resp.text[:300]}")
             error = resp.json()["error"]
             assert resp.status_code in (502, 503) and "registry" in error["message"].lower(), resp.text
     finally:
@@ -349,3 +351,17 @@ def test_models_keep_serving_while_the_model_registry_host_is_down(cluster: Clus
 def ssh_options(cluster: Cluster) -> list[str]:
     return ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={cluster.state / 'known_hosts'}",
             "-o", "StrictHostKeyChecking=yes", "-i", str(cluster.hosts.key)]
+
+
+def test_uninstall_removes_what_it_installed_and_keeps_the_data(cluster: Cluster, model: dict[str, Any]) -> None:
+    done = cluster.bootstrap("uninstall")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name, h in cluster.hosts.hosts.items():
+        # nothing of MIaaS runs any more: only the host's own sshd is left in it
+        left = [p for p in h.pids() if "sshd" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert left == [], (name, [Path(f"/proc/{p}/cmdline").read_bytes() for p in left])
+        assert not any((h.root / "etc-miaas").iterdir()) and not any((h.root / "opt-miaas").iterdir()), name
+    # the data stays unless --purge: the database and the model store are still on their hosts' disks
+    assert (cluster.hosts.hosts["h2"].root / "var-lib-miaas" / "postgresql" / "data" / "PG_VERSION").is_file()
+    again = cluster.bootstrap("uninstall")
+    assert again.returncode == 0 and "nothing to remove" in again.stdout, again.stdout
