@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
+
+import requests
 
 from controller.commands import Refused, Uncertain, send_command
 from controller.leader import Deposed, Leader, LeaseStore, NotLeader, Role
@@ -30,8 +34,8 @@ from miaas.bus import (
     PartitionConsumer,
     Received,
 )
-from miaas.client import ServiceClient
-from miaas.errors import Unavailable, UpstreamError
+from miaas.client import ServiceClient, UpstreamAnswer
+from miaas.errors import MiaasError, RemoteError, Unavailable, UpstreamError
 from miaas.identity import CredentialSource
 from miaas.schemas import (
     PRIORITIES,
@@ -52,6 +56,7 @@ from miaas.trust import Trust
 
 log = logging.getLogger(__name__)
 S = DeploymentStatus
+FETCHED_VERSIONS_KEPT = 1024  # fetch-model answers of versions by number, kept for when the registry is down
 
 
 class Controller:
@@ -99,6 +104,7 @@ class Controller:
                                        ttl_s=settings.leader_lease_s)
         store.guard_writes(self.leader.guard)  # a deposed leader's late write fails as a stale plan
         self.leader.listeners.append(self._on_role)
+        self._fetched = FetchedVersions(FETCHED_VERSIONS_KEPT)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -408,19 +414,40 @@ class Controller:
             self._notify()
 
     def _fetch_model(self, model_id: str, version: int | None, alias: str | None) -> dict[str, Any]:
-        """The version to deploy, resolved by the model registry (latest, a number, or an alias)."""
-        registry = ServiceClient(self.locate("model-registry"), self.credential, timeout=10)
+        """The version to deploy, resolved by the model registry (latest, a number, or an alias).
+
+        A version by number is immutable: its answer is kept (`FetchedVersions`) and served from there while the
+        registry cannot be reached (no instance, no connection, a 5xx), so deploys of a version this controller
+        resolved before go on. An alias or the latest moves, and is only ever resolved by the registry."""
+        pinned = (model_id, version) if version is not None and alias is None else None
         params: dict[str, Any] = {"model_id": model_id}
         if version is not None:
             params["version"] = version
         if alias is not None:
             params["alias"] = alias
         try:
-            found = registry.get("/registry/fetch-model", params=params)
-        finally:
-            registry.close()
+            registry = ServiceClient(self.locate("model-registry"), self.credential, timeout=10)
+            try:
+                found = registry.get("/registry/fetch-model", params=params)
+            finally:
+                registry.close()
+        except RemoteError as exc:
+            if exc.status == 404 and pinned is not None:
+                self._fetched.drop(pinned)  # deleted since
+            raise
+        except MiaasError as exc:
+            if not _registry_down(exc):
+                raise
+            kept = self._fetched.get(pinned) if pinned is not None else None
+            if kept is None:
+                raise _registry_unreachable(exc, model_id, version, alias) from exc
+            log.warning("model registry cannot be reached (%s): deploying %s v%s as it answered before",
+                        exc.message, model_id, version)
+            return kept
         if not isinstance(found, dict) or "meta" not in found:
             raise UpstreamError("model registry answered fetch-model without meta")
+        if pinned is not None and found.get("version") == version:
+            self._fetched.put(pinned, found)
         return found
 
     def _agent_url(self, agent_id: str) -> str:
@@ -601,3 +628,57 @@ def _add(total: Usage | None, row: DeploymentRow) -> Usage:
     t = total or Usage()
     return Usage(t.cpus + row.cpus, t.memory_mb + row.memory_mb, t.gpus + row.gpus)
 
+
+
+class FetchedVersions:
+    """The model registry's fetch-model answers for versions asked by number (immutable), by (model, version) as
+    asked; at most `size`, the least recently used dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._answers: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> dict[str, Any] | None:
+        with self._lock:
+            answer = self._answers.get(key)
+            if answer is not None:
+                self._answers.move_to_end(key)
+            return copy.deepcopy(answer)
+
+    def put(self, key: tuple[str, int], answer: dict[str, Any]) -> None:
+        with self._lock:
+            self._answers[key] = copy.deepcopy(answer)
+            self._answers.move_to_end(key)
+            while len(self._answers) > self.size:
+                self._answers.popitem(last=False)
+
+    def drop(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._answers.pop(key, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._answers)
+
+
+def _registry_down(exc: MiaasError) -> bool:
+    """The model registry could not be asked: none registered or the service registry away (the lookup), no
+    connection or no answer in time, or a 5xx. Not a refusal (404, 401/403, a bad request) nor a nonsense answer."""
+    if isinstance(exc, UpstreamAnswer):
+        return exc.answered_status >= 500
+    if isinstance(exc, UpstreamError):
+        return isinstance(exc.__cause__, requests.RequestException)
+    return isinstance(exc, Unavailable)
+
+
+def _registry_unreachable(exc: MiaasError, model_id: str, version: int | None, alias: str | None) -> UpstreamError:
+    """The refusal of a deploy the registry must resolve and cannot: saying so, and what a number would have done."""
+    if version is not None and alias is None:
+        what = (f"version {version} of model '{model_id}' cannot be resolved: this controller has not resolved it "
+                "before (a version it has is deployed from what the registry answered then)")
+    else:
+        what = (f"the {f'alias {alias!r}' if alias is not None else 'latest version'} of model '{model_id}' cannot "
+                "be resolved (an alias or the latest moves: only the registry resolves it)")
+    return UpstreamError(f"the model registry cannot be reached ({exc.message}), so {what}; retry once the model "
+                         "registry is back", code="model_registry_unreachable")
