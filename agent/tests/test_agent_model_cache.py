@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import requests
+from agent_kit import REQUIREMENTS, TINY_APP
 from flask import Flask, request
 from sqlalchemy import text
 
@@ -30,7 +31,6 @@ from agent.runtimes.vagrant import VagrantRuntime, VmGuard
 from agent.runtimes.vagrantfile import VagrantConfig
 from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
-from conftest import REQUIREMENTS, TINY_APP
 from miaas.bus import MemoryBus
 from miaas.client import ServiceClient
 from miaas.errors import UpstreamError

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from controller_kit import Cluster, Loopback, fake_registry, signed_session, wait_for
 from flask import Flask
 from pydantic import BaseModel
 from sqlalchemy import func, select, update
 
 from agent.app import parts
-from conftest import Cluster, Loopback, fake_registry, signed_session, wait_for
 from controller.app import create_app as create_controller
 from controller.commands import Refused, send_command
 from controller.leader import Deposed, Leader, LeaseStore, NotLeader, lease_table
