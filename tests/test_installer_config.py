@@ -133,3 +133,17 @@ def test_secrets_reach_only_the_services_that_need_them(tmp_path: Path) -> None:
     hba = next(f for f in plan["infra"].files["postgresql"] if f.path.endswith("pg_hba.conf")).content.decode()
     assert "host miaas_controller miaas_controller 10.0.0.2/32 scram-sha-256" in hba
     assert "0.0.0.0" not in hba and "trust" not in hba
+
+
+def test_with_an_nfs_host_the_store_is_exported_and_mounted_where_it_is_used(tmp_path: Path) -> None:
+    c = load(write(tmp_path, GOOD + "HOST_files=10.0.0.5\nROLES_files=nfs\n"))
+    plan = render.plan(c, inputs(worker_1="tok"))
+    assert plan["files"].nfs == [{"action": "nfs", "side": "server", "store": render.NFS_STORE,
+                                  "clients": ["10.0.0.1", "10.0.0.3"], "script": f"{render.SCRIPTS}/nfs-server.sh"}]
+    assert [s["mode"] for s in plan["infra"].nfs] == ["rw"] and [s["mode"] for s in plan["worker_1"].nfs] == ["ro"]
+    assert plan["ctl"].nfs == []
+    agent_env = files_of(plan)["worker_1:/etc/miaas/env/agent.env"].decode()
+    assert f"MODEL_STORE={render.NFS_STORE}" in agent_env and "AGENT_MODEL_FILES=auto" in agent_env
+    # without one, the registry keeps the store on its own disk and agents pull over HTTP
+    plain = files_of(render.plan(load(write(tmp_path, GOOD)), inputs()))
+    assert f"MODEL_STORE={render.MODEL_STORE}" in plain["infra:/etc/miaas/env/model-registry.env"].decode()

@@ -574,6 +574,26 @@ def uninstall(job: dict[str, Any]) -> dict[str, Any]:
     return {"changed": changed}
 
 
+def nfs(job: dict[str, Any]) -> dict[str, Any]:
+    """The model store on kernel NFS with bootstrap's own scripts: the export on the server (`server`), the mount
+    on the registry (rw) and the agents (ro). Each runs only when what it makes is missing."""
+    store = job["store"]
+    if job["side"] == "server":
+        exports = _read("/etc/exports.d/miaas.exports")
+        if all(f"{store} {c}(" in exports for c in job["clients"]):
+            return {"changed": []}
+        argv = [job["script"], store, *job["clients"]]
+        what = f"export {store}"
+    else:
+        if os.path.ismount(store):
+            return {"changed": []}
+        argv = [job["script"], f"{job['server']}:{store}", store, job["mode"]]
+        what = f"mount {job['server']}:{store} ({job['mode']})"
+    if not job.get("dry_run"):
+        _run(["bash", *argv], timeout=600)
+    return {"changed": [what]}
+
+
 def batch(job: dict[str, Any]) -> dict[str, Any]:
     """Several actions in one SSH round trip, in order; the first failure stops the rest and names its step."""
     changed: list[str] = []
@@ -589,7 +609,7 @@ def batch(job: dict[str, Any]) -> dict[str, Any]:
     return {"changed": changed, "results": results}
 
 
-ACTIONS = {"batch": batch, "facts": facts, "apply": apply,
+ACTIONS = {"batch": batch, "nfs": nfs, "facts": facts, "apply": apply,
            "ensure_user": ensure_user, "install_packages": install_packages,
            "install_release": install_release, "postgres_init": postgres_init,
            "postgres_databases": postgres_databases, "supervise": supervise, "ctl": ctl,

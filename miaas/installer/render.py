@@ -20,9 +20,12 @@ VAR = "/var/lib/miaas"
 PG_DATA = f"{VAR}/postgresql/data"
 PG_SOCKET = f"{VAR}/postgresql/run"
 MODEL_STORE = f"{VAR}/models"
+NFS_STORE = "/srv/miaas/models"  # with an nfs host: the export, and the mount point on the registry and every agent
+SCRIPTS = "/opt/miaas/bootstrap"
 SERVICE_USER = "miaas"
 # The order hosts are started in: each wave healthy before the next starts.
-WAVES = (("broker", "database"), ("service-registry",), ("model-registry", "controller"), ("portal",), ("agent",))
+WAVES = (("broker", "database", "nfs"), ("service-registry",), ("model-registry", "controller"), ("portal",),
+         ("agent",))
 MODULES = {"service-registry": "service_registry", "model-registry": "model_registry", "controller": "controller",
            "portal": "frontend", "agent": "agent"}
 UNIT_NAMES = {"broker": "broker", "database": "postgresql", "service-registry": "service-registry",
@@ -77,6 +80,7 @@ class HostPlan:
     files: dict[str, list[File]] = field(default_factory=dict)  # unit name → its files (identities, config)
     common: list[File] = field(default_factory=list)
     dirs: list[dict[str, object]] = field(default_factory=list)
+    nfs: list[dict[str, object]] = field(default_factory=list)  # hostside `nfs` steps: the export, or its mount
 
     def unit_files(self, unit: Unit) -> list[File]:
         inputs = self.files.get(unit.name, [])
@@ -97,6 +101,7 @@ class Inputs:
     secrets: dict[str, str]
     join_tokens: dict[str, str]  # host name → the token its agent's env file carries ("" = none)
     supervisor_source: bytes
+    scripts: dict[str, bytes] = field(default_factory=dict)  # bootstrap/*.sh the nfs steps run, by name
 
 
 def database_url(config: ClusterConfig, role: str, secrets: dict[str, str]) -> str:
@@ -123,12 +128,16 @@ def plan(config: ClusterConfig, inputs: Inputs) -> dict[str, HostPlan]:
     }
     controllers = ",".join(config.url("controller", h) for h in config.with_role("controller"))
     has_nfs = bool(config.with_role("nfs"))
+    store = NFS_STORE if has_nfs else MODEL_STORE
     plans: dict[str, HostPlan] = {}
     for host in config.hosts.values():
         p = HostPlan(host)
         plans[host.name] = p
         p.common = [File(f"{ETC}/pki/ca.json", inputs.ca_public),
                     File("/opt/miaas/bin/miaas-supervise.py", inputs.supervisor_source, 0o755)]
+        if has_nfs and (host.has("nfs") or host.has("model-registry") or host.has("agent")):
+            p.common += [File(f"{SCRIPTS}/{n}", c, 0o755) for n, c in sorted(inputs.scripts.items())]
+            p.nfs = _nfs_step(config, host)
         p.dirs = [{"path": d, "mode": 0o755} for d in (ETC, f"{ETC}/pki", f"{ETC}/env", f"{ETC}/units", VAR,
                                                        "/opt/miaas", "/opt/miaas/bin", "/opt/miaas/releases")]
         p.dirs[2]["mode"] = 0o700  # env files hold secrets
@@ -174,8 +183,9 @@ def plan(config: ClusterConfig, inputs: Inputs) -> dict[str, HostPlan]:
             if role in DATABASES:
                 env[f"{prefix}_DATABASE_URL"] = database_url(config, role, inputs.secrets)
             if role == "model-registry":
-                env["MODEL_STORE"] = MODEL_STORE
-                p.dirs.append({"path": MODEL_STORE, "mode": 0o755, "owner": user, "group": user})
+                env["MODEL_STORE"] = store
+                if not has_nfs:
+                    p.dirs.append({"path": MODEL_STORE, "mode": 0o755, "owner": user, "group": user})
             if role == "controller":
                 key = f"{ETC}/pki/ca-key.json"
                 files.append(File(key, inputs.ca_key, 0o600, user, user))
@@ -188,7 +198,7 @@ def plan(config: ClusterConfig, inputs: Inputs) -> dict[str, HostPlan]:
                 env.update({
                     "AGENT_AGENT_ID": f"agent-{host.name}", "AGENT_STATE_DIR": f"{VAR}/agent",
                     "AGENT_CONTROLLER_URL": controllers, "AGENT_ADVERTISE_HOST": host.address,
-                    "AGENT_VENV_CACHE_DIR": f"{VAR}/venvs", "MODEL_STORE": MODEL_STORE,
+                    "AGENT_VENV_CACHE_DIR": f"{VAR}/venvs", "MODEL_STORE": store,
                     "HOME": f"{VAR}/agent",
                 })
                 env.setdefault("AGENT_MODEL_FILES", "auto" if has_nfs else "http")
@@ -198,6 +208,20 @@ def plan(config: ClusterConfig, inputs: Inputs) -> dict[str, HostPlan]:
             p.units.append(Unit(role, name, [py, "-m", MODULES[role]], user, env, url,
                                 kill_mode="process" if role == "agent" else "group"))
     return plans
+
+
+def _nfs_step(config: ClusterConfig, host: Host) -> list[dict[str, object]]:
+    server = config.one("nfs")
+    steps: list[dict[str, object]] = []
+    if host.has("nfs"):
+        clients = [h.address for h in config.with_role("model-registry")]
+        clients += [h.address for h in config.with_role("agent") if h.address not in clients]
+        steps.append({"action": "nfs", "side": "server", "store": NFS_STORE, "clients": clients,
+                      "script": f"{SCRIPTS}/nfs-server.sh"})
+    if host.has("model-registry") or host.has("agent"):
+        steps.append({"action": "nfs", "side": "client", "store": NFS_STORE, "server": server.address,
+                      "mode": "rw" if host.has("model-registry") else "ro", "script": f"{SCRIPTS}/nfs-client.sh"})
+    return steps
 
 
 def _postgres_conf(config: ClusterConfig, host: Host) -> tuple[bytes, bytes]:

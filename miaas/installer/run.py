@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON_MIN = (3, 11)
 DISK_MIN = 2 * 1024**3
 SKEW_MAX_S = 5.0
-PACKAGES = {"*": ["python3", "python3-venv"], "database": ["postgresql"], "agent": ["bubblewrap", "iptables"]}
+PACKAGES = {"*": ["python3", "python3-venv"], "database": ["postgresql"], "agent": ["bubblewrap", "iptables"],
+            "nfs": ["nfs-kernel-server"]}
 AGENT_CREDENTIAL = f"{VAR}/agent/credential.json"
 
 
@@ -225,6 +226,8 @@ class Installer:
             release_python=release_python, ca_public=pki.ca_file.read_bytes(), ca_key=pki.ca_key_file.read_bytes(),
             credentials={s: p.read_bytes() for s, p in pki.credentials.items() if s != identity.ADMIN},
             secrets=secrets, join_tokens=tokens, supervisor_source=Path(supervise.__file__).read_bytes(),
+            scripts={n: (REPO / "bootstrap" / n).read_bytes() for n in ("nfs-server.sh", "nfs-client.sh")
+                     if self.config.with_role("nfs")},
         )
 
     def join_tokens(self, pki: Pki) -> dict[str, str]:
@@ -270,6 +273,12 @@ class Installer:
                 steps.append({"action": "apply", "dirs": p.dirs, "files": [f.job() for f in files]})
                 if has_db:
                     steps.append({"action": "postgres_init", "data": PG_DATA})
+                # The model store on NFS: exported in the first wave, mounted before its registry or agent starts.
+                for step in p.nfs:
+                    side_wave = "nfs" if step["side"] == "server" else ("model-registry" if h.has("model-registry")
+                                                                          else "agent")
+                    if side_wave in wave:
+                        steps.append(step)
                 steps.append({"action": "supervise"})
                 units = p.roles_in(wave)
                 if units and not self.check:
