@@ -8,6 +8,7 @@ PACKAGES=(
     bubblewrap   # the process runtime's sandbox
     iptables     # the sandbox's per-user firewall rules
     nftables libnfs-utils  # the VMs' firewall; reading the per-VM NFS exports in the tests
+    caddy        # the endpoints' data plane (miaas/gateway.py), driven through its admin API
     openssh-server openssh-client  # the cluster test (pytest -m cluster): one sshd per test host (namespace)
     # the VM test (pytest -m vm): libvirt + QEMU, Vagrant with vagrant-libvirt, the box build, nfs-ganesha
     vagrant vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
