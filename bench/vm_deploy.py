@@ -8,6 +8,9 @@ Both are measured in the same run, on the same box image, with the same CPUs, me
   setup commands and the model's start.
 One-time costs stay out of the timing: the box build (bootstrap/build-box.sh), the wheelhouse of the example's
 requirements, and vagrant-libvirt's copy of the box into the storage pool (a warm-up deployment when missing).
+The agent runs on an identity from a throwaway CA (`miaas.cluster.Pki`): its credential file holds a certificate
+of role agent bound to its URL, loaded as the agent loads it at start, and the commands are signed as the
+controller (the only role that commands agents).
 Goal (issue 5): ratio <= 1.5. Prints the figures; never fails on them.
 
 Run as root: .venv/bin/python bench/vm_deploy.py [--acceleration tcg|kvm] [--dir /var/tmp]
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import shutil
 import subprocess
 import sys
@@ -29,13 +31,17 @@ from pathlib import Path
 import requests
 
 from agent.app import create_app, parts
+from agent.credential import obtain
 from agent.fetch import ModelSource
 from agent.nfsdev import DevNfsServer
 from agent.runtimes.wheelhouse import Wheelhouse
 from agent.settings import AgentSettings
 from agent.vmhost import INSTALL, LibvirtDaemons, missing_packages
+from miaas import identity
 from miaas.bus import MemoryBus
+from miaas.cluster import Pki
 from miaas.schemas import PackageMeta
+from miaas.testing import SigningClient
 
 ROOT = Path(__file__).resolve().parents[1]
 BOX = "miaas/debian12"
@@ -93,7 +99,7 @@ def box_in_pool() -> bool:
     return BOX.replace("/", "-VAGRANTSLASH-") + "_vagrant_box_image_" in out.stdout
 
 
-def deploy(client, deployment_id: str, timeout: float) -> tuple[float, dict]:  # type: ignore[no-untyped-def, type-arg]
+def deploy(client: SigningClient, deployment_id: str, timeout: float) -> tuple[float, dict]:  # type: ignore[type-arg]
     """Seconds from POST /create-vm to the deployment's URL answering GET /health with 200."""
     started = time.monotonic()
     created = client.post("/create-vm", json={"deployment_id": deployment_id, "model_id": "m-iris", "version": 1,
@@ -127,10 +133,15 @@ def main() -> None:
     work.chmod(0o755)
     version = model_store(work)
     meta = PackageMeta.model_validate_json((version / "meta.json").read_text())
+    pki = Pki.ensure(work / "pki")
+    agent_id, agent_url = "agent-bench", "http://127.0.0.1:8600"  # the URL it would serve at (it is not served)
+    credential_file = work / "agent" / "credential.json"
+    pki.ca().credential(agent_id, identity.AGENT, now=time.time(), url=agent_url).save(credential_file)
     settings = AgentSettings(
-        service_token=secrets.token_hex(32), agent_id="agent-bench", runtimes=["vagrant"], state_dir=work / "agent",
-        model_store=work / "store", wheelhouse_dir=work / "wheels", vagrant_acceleration=args.acceleration,
-        provision_timeout_s=args.timeout, port_range="24000-24099", stop_deployments_on_exit=True,
+        ca_file=pki.ca_file, credential_file=credential_file, agent_id=agent_id, runtimes=["vagrant"],
+        state_dir=work / "agent", model_store=work / "store", wheelhouse_dir=work / "wheels",
+        vagrant_acceleration=args.acceleration, provision_timeout_s=args.timeout, port_range="24000-24099",
+        stop_deployments_on_exit=True,
     )
     (work / "wheels").mkdir(mode=0o755)
     cpus, memory_mb = max(1, int(-(-meta.resources.cpus // 1))), max(meta.resources.memory_mb, 512)
@@ -141,8 +152,12 @@ def main() -> None:
             run=lambda argv, what: subprocess.run(argv, check=True, cwd=version, capture_output=True),
         )
         app = create_app(settings, MemoryBus(), fetch_model=lambda m, v: ModelSource(version, meta, None))
+        # Its credential file, checked as at start (this cluster's, this agent's, bound to its URL); no metrics.
+        parts(app).credential.set(obtain(settings, agent_url, controller_url=None, now=time.time()))
+        app.test_client_class = SigningClient
         client = app.test_client()
-        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {settings.service_token.get_secret_value()}"
+        assert isinstance(client, SigningClient)
+        client.credential = identity.Credential.load(pki.credentials["controller"])  # the cluster's controller
         try:
             if not box_in_pool():
                 print("warm-up: vagrant-libvirt copies the box into the storage pool (once per box build)")
