@@ -143,6 +143,10 @@ class DeploymentReport(Wire):
     status: DeploymentStatus
     url: str | None = None
     generation: int | None = Field(None, ge=0, description="the placement this copy belongs to (see Deployment)")
+    restarts: int = Field(0, ge=0, description="restarts in place by its agent's health watch")
+    last_restart_reason: str | None = Field(None, description="why its agent restarted it last")
+    health: Literal["passing", "failing", "unknown"] = Field(
+        "unknown", description="its agent's last health probe: passing, failing, unknown (not running or not yet)")
 
 
 class AgentMetrics(Wire):

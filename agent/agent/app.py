@@ -129,6 +129,7 @@ def create_app(
         advertise_host=settings.advertise_host,
         clock=clock,
         stop_timeout_s=settings.stop_grace_s + 30,
+        health=settings.health_policy,
     )
     if cache is not None:
         cache.in_use = manager.versions_in_use  # never evicted while a deployment here holds it

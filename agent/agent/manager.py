@@ -5,6 +5,11 @@ Commands are idempotent by deployment id: a repeated create returns the deployme
 stop the stopped one. The controller numbers each placement of a deployment (`generation`): a create of a newer
 generation restarts a copy that was stopped or failed here (the deployment came back to this agent), and a stop
 of an older generation leaves a newer copy running.
+
+Once running, each deployment is watched (health.py): a model that stops answering its health_path, or whose
+process or VM ended, is restarted in place (same id, port and generation; status stays `running`) with a growing
+backoff, and failed after too many restarts. Its `restarts`, `last_restart_reason` and `health` are in its detail
+and in the metrics' reports.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from pydantic import Field
 
 from agent.errors import AgentError, ProvisionCancelled, ProvisionFailed
 from agent.fetch import FetchModel, ModelSource
+from agent.health import Health, HealthPolicy, HealthWatch
 from agent.ports import PortAllocator
-from agent.runtimes.base import DeploymentSpec, RecoveredDeployment, Runtime
+from agent.runtimes.base import DeploymentSpec, RecoveredDeployment, Runtime, RuntimeState
 from agent.verify import verify_version
 from miaas.bus import DEPLOYMENT_EVENTS, EventBus
 from miaas.errors import BadRequest, Conflict, NotFound, Unavailable
@@ -37,9 +43,12 @@ def utcnow() -> datetime:
 
 
 class AgentDeploymentDetail(AgentDeployment):
-    """AgentDeployment plus the host port of each named port of meta.json."""
+    """AgentDeployment plus the host port of each named port of meta.json, and what its health watch saw."""
 
     ports: dict[str, int] = Field(default_factory=dict)
+    restarts: int = Field(0, ge=0, description="restarts in place since it was placed here")
+    last_restart_reason: str | None = Field(None, description="why it was restarted last")
+    health: Health = Field("unknown", description="passing, failing, or unknown (not running, or not probed yet)")
 
 
 class AgentDeploymentList(Wire):
@@ -61,12 +70,26 @@ class _Record:
     thread: threading.Thread | None = None
     settled: threading.Event = field(default_factory=threading.Event)
     finished_at: float | None = None
+    spec: DeploymentSpec | None = None
+    """What the runtime was started with (None for an adopted copy until a restart needs it)."""
+    watch: HealthWatch | None = None
+    restarts: int = 0
+    last_restart_reason: str | None = None
+    health: Health = "unknown"
 
     def view(self) -> AgentDeploymentDetail:
         return AgentDeploymentDetail(
             deployment_id=self.deployment_id, model_id=self.model_id, version=self.version, runtime=self.runtime,
             status=self.status, url=self.url, port=self.port, reason=self.reason, ports=self.ports,
-            generation=self.generation,
+            generation=self.generation, restarts=self.restarts, last_restart_reason=self.last_restart_reason,
+            health=self.health if self.status is S.RUNNING else "unknown",
+        )
+
+    def report(self) -> DeploymentReport:
+        return DeploymentReport(
+            deployment_id=self.deployment_id, status=self.status, url=self.url, generation=self.generation,
+            restarts=self.restarts, last_restart_reason=self.last_restart_reason,
+            health=self.health if self.status is S.RUNNING else "unknown",
         )
 
 
@@ -92,6 +115,7 @@ class DeploymentManager:
         clock: Callable[[], datetime] = utcnow,
         stop_timeout_s: float = 60.0,
         keep_finished: int = 200,
+        health: HealthPolicy | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.runtimes = dict(runtimes)
@@ -103,6 +127,8 @@ class DeploymentManager:
         self.clock = clock
         self.stop_timeout_s = stop_timeout_s
         self.keep_finished = keep_finished
+        self.health = health
+        """How running deployments are watched (None: not at all; a dead model is failed when it is seen)."""
         self._records: dict[str, _Record] = {}
         self._creating: dict[str, threading.Lock] = {}
         self._lock = threading.RLock()
@@ -144,6 +170,7 @@ class DeploymentManager:
             record = self._find(deployment_id)
             if record.status is S.STOPPED or (generation is not None and record.generation > generation):
                 return record.view()
+            watch = record.watch
             if record.status is S.STOPPING:
                 waiting = True
             else:
@@ -153,13 +180,19 @@ class DeploymentManager:
                     record.settled.set()
                     return record.view()
                 self._transition(record, S.STOPPING)
+                if watch is not None:
+                    watch.cancel()  # before anything stops: a restart in its backoff never starts
         if waiting:
             record.settled.wait(self.stop_timeout_s)
             return record.view()
         try:
-            self.runtimes[record.runtime].stop(deployment_id)
+            runtime = self.runtimes[record.runtime]
+            runtime.stop(deployment_id)
             if record.thread is not None and record.thread is not threading.current_thread():
                 record.thread.join(self.stop_timeout_s)
+            if watch is not None:
+                watch.join(self.stop_timeout_s)
+                runtime.stop(deployment_id)  # a restart that began before the cancel and ended after the stop
         except Exception as exc:
             log.exception("stopping %s failed", deployment_id)
             with self._lock:
@@ -193,8 +226,7 @@ class DeploymentManager:
         """Every deployment held, as carried in the metrics message (after checking the running ones)."""
         self.refresh()
         with self._lock:
-            return [DeploymentReport(deployment_id=r.deployment_id, status=r.status, url=r.url,
-                                     generation=r.generation) for r in self._records.values()]
+            return [r.report() for r in self._records.values()]
 
     def versions_in_use(self) -> set[tuple[str, int]]:
         """(model id, version) of every deployment held and not finished: the model cache never evicts them."""
@@ -202,11 +234,17 @@ class DeploymentManager:
             return {(r.model_id, r.version) for r in self._records.values() if not r.status.is_terminal}
 
     def refresh(self) -> None:
-        """Mark failed the running deployments whose model died by itself, and clean up after them."""
+        """Running deployments whose model died by itself: their health watch is told to look now (it restarts
+        them); without one they are marked failed and cleaned up after."""
         with self._lock:
             running = [r for r in self._records.values() if r.status is S.RUNNING]
         for record in running:
             runtime = self.runtimes[record.runtime]
+            watch = record.watch
+            if watch is not None and watch.thread.is_alive():
+                if runtime.status(record.deployment_id).status is S.FAILED:
+                    watch.nudge()
+                continue
             state = runtime.status(record.deployment_id)
             if state.status is not S.FAILED:
                 continue
@@ -221,6 +259,10 @@ class DeploymentManager:
 
     def shutdown(self, *, stop_deployments: bool = True) -> None:
         """On agent exit: stop every live deployment (in parallel, publishing events), then flush the bus."""
+        with self._lock:
+            watches = [r.watch for r in self._records.values() if r.watch is not None]
+        for watch in watches:  # nothing is restarted while the agent exits
+            watch.cancel()
         if stop_deployments:
             with self._lock:
                 live = [r.deployment_id for r in self._records.values() if not r.status.is_terminal]
@@ -250,6 +292,8 @@ class DeploymentManager:
                 self._transition(record, item.status, item.reason)
                 if item.status.is_terminal:
                     record.settled.set()
+                elif item.status is S.RUNNING:
+                    self._watch(record)
 
     # ------------------------------------------------------------------ internals
 
@@ -295,8 +339,15 @@ class DeploymentManager:
             self._fail_provisioning(record, f"agent error: {exc.__class__.__name__}: {exc}")
             return
         with self._lock:
+            record.spec = spec
             if record.status is S.PROVISIONING:
                 self._transition(record, S.RUNNING)
+                self._watch(record)
+
+    def _watch(self, record: _Record) -> None:
+        """Start the health watch of a deployment that now runs; called with the lock held."""
+        if self.health is not None and record.watch is None:
+            record.watch = HealthWatch(_Watched(self, record), self.health).start()
 
     def _fail_provisioning(self, record: _Record, reason: str) -> None:
         with self._lock:
@@ -363,3 +414,83 @@ class DeploymentManager:
         )
         for record in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._records[record.deployment_id]
+
+
+class _Watched:
+    """One deployment as its health watch sees it (health.Watched)."""
+
+    def __init__(self, manager: DeploymentManager, record: _Record) -> None:
+        self.manager = manager
+        self.record = record
+        self.deployment_id = record.deployment_id
+        self.port = record.port
+        self.runtime = manager.runtimes[record.runtime]
+        self._no_meta_logged = False
+
+    def watching(self) -> bool:
+        return self.record.status is S.RUNNING
+
+    def liveness(self) -> RuntimeState:
+        return self.runtime.status(self.deployment_id)
+
+    def health_path(self) -> str | None:
+        spec = self._spec(quiet=True)
+        return None if spec is None else spec.meta.health_path
+
+    def set_health(self, health: Health) -> None:
+        with self.manager._lock:
+            self.record.health = health
+
+    def kill(self) -> None:
+        self.runtime.stop(self.deployment_id)
+
+    def begin_restart(self, reason: str) -> bool:
+        with self.manager._lock:
+            watch = self.record.watch
+            if self.record.status is not S.RUNNING or (watch is not None and watch.cancelled.is_set()):
+                return False
+            self.record.restarts += 1
+            self.record.last_restart_reason = reason
+            self.record.health = "unknown"
+            log.warning("deployment %s: restart %d in place on port %d", self.deployment_id, self.record.restarts,
+                        self.port)
+            return True
+
+    def start(self) -> None:
+        spec = self._spec(quiet=False)
+        if spec is None:
+            raise ProvisionFailed(f"model {self.record.model_id} v{self.record.version} could not be fetched again")
+        self.runtime.start(spec)
+
+    def give_up(self, reason: str) -> None:
+        manager = self.manager
+        if not self.watching():
+            return  # being stopped: that path reports
+        self.runtime.stop(self.deployment_id)  # nothing runs, nothing is held, before it is reported failed
+        with manager._lock:
+            if self.record.status is not S.RUNNING:
+                return
+            manager.ports.release(self.deployment_id)
+            manager._transition(self.record, S.FAILED, reason)
+
+    def _spec(self, *, quiet: bool) -> DeploymentSpec | None:
+        """The spec it was started with; for an adopted copy, made again from its model version and ports."""
+        record = self.record
+        if record.spec is not None:
+            return record.spec
+        try:
+            source = self.manager.fetch_model(record.model_id, record.version)
+            if source.pull is not None:
+                source = replace(source, path=source.pull())
+        except Exception as exc:  # noqa: BLE001 - the watch goes on with liveness only
+            if not (quiet and self._no_meta_logged):
+                log.warning("deployment %s: model %s v%s not fetched (%s); watching its liveness only",
+                            self.deployment_id, record.model_id, record.version, exc)
+                self._no_meta_logged = True
+            return None
+        record.spec = DeploymentSpec(
+            deployment_id=record.deployment_id, model_id=record.model_id, version=record.version,
+            model_path=source.path, meta=source.meta, port=record.port,
+            workdir=self.manager.state_dir / record.deployment_id, ports=record.ports,
+        )
+        return record.spec

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent.firewall import Endpoint, parse_endpoint
+from agent.health import HealthPolicy
 from miaas.settings import ServiceSettings
 
 _RANGE = re.compile(r"^\s*(\d{1,5})\s*-\s*(\d{1,5})\s*$")
@@ -110,6 +111,19 @@ class AgentSettings(ServiceSettings):
     provision_timeout_s: float = Field(600.0, gt=0, description="bound on venv + setup + start until it answers")
     stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM → SIGKILL delay when stopping a model")
     stop_deployments_on_exit: bool = True
+
+    # ---- the health watch of running deployments (agent/README.md, "Health and restarts")
+    health_interval_s: float = Field(5.0, gt=0, le=3600, description="seconds between two health probes of a "
+                                                                      "running deployment")
+    health_timeout_s: float = Field(2.0, gt=0, le=600, description="a health probe that takes longer fails")
+    health_failures: int = Field(3, ge=1, le=1000, description="failed health probes in a row that restart a "
+                                                               "deployment (a process or VM that exited: at once)")
+    restart_delay_s: float = Field(1.0, ge=0, le=3600, description="wait before the first restart in place; "
+                                                                   "doubles with each restart within the window")
+    restart_max_delay_s: float = Field(60.0, ge=0, le=86_400, description="the longest wait before a restart")
+    restart_attempts: int = Field(5, ge=0, le=1000, description="restarts in place within the window before the "
+                                                                "next failure fails the deployment (0: never restart)")
+    restart_window_s: float = Field(300.0, gt=0, le=86_400, description="the window restarts are counted in")
 
     # ---- the process runtime's sandbox (agent/README.md, "The sandbox")
     sandbox: Literal["bwrap", "none"] = Field(
@@ -228,6 +242,22 @@ class AgentSettings(ServiceSettings):
         if not urls:
             raise ValueError(f"AGENT_CONTROLLER_URL must name at least one http(s) URL, not {value!r}")
         return ",".join(urls)
+
+    @model_validator(mode="after")
+    def _delays_in_order(self) -> AgentSettings:
+        if self.restart_max_delay_s < self.restart_delay_s:
+            raise ValueError(f"AGENT_RESTART_MAX_DELAY_S ({self.restart_max_delay_s:g}) must be at least "
+                             f"AGENT_RESTART_DELAY_S ({self.restart_delay_s:g})")
+        return self
+
+    @property
+    def health_policy(self) -> HealthPolicy:
+        """How running deployments are watched and restarted in place."""
+        return HealthPolicy(
+            interval_s=self.health_interval_s, timeout_s=self.health_timeout_s, failures=self.health_failures,
+            delay_s=self.restart_delay_s, max_delay_s=self.restart_max_delay_s, attempts=self.restart_attempts,
+            window_s=self.restart_window_s,
+        )
 
     @property
     def controller_urls(self) -> list[str]:

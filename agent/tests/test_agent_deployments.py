@@ -171,7 +171,11 @@ def test_stop_during_provisioning_cancels_it(client, bus, store, eventually) -> 
     assert parts(client.application).manager.ports.held() == {}
 
 
-def test_a_model_that_dies_after_running_is_reported_failed(client, bus, store, eventually) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_that_dies_after_running_is_reported_failed(  # type: ignore[no-untyped-def]
+    make_agent, settings, pki, bus, store, eventually
+) -> None:
+    # with AGENT_RESTART_ATTEMPTS=0 (by default it is restarted in place: test_agent_health.py)
+    client = pki.client(make_agent(settings.model_copy(update={"restart_attempts": 0}), bus), CONTROLLER)
     store.add("fragile")
     url = client.post("/create-vm", json={"deployment_id": "dep-7", "model_id": "fragile", "version": 1}).json["url"]
     assert settled(client, "dep-7", eventually)["status"] == "running"
