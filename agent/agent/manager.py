@@ -235,15 +235,16 @@ class DeploymentManager:
 
     def refresh(self) -> None:
         """Running deployments whose model died by itself: their health watch is told to look now (it restarts
-        them); without one they are marked failed and cleaned up after."""
+        them); without one, or with no restart allowed (AGENT_RESTART_ATTEMPTS=0), they are marked failed and
+        cleaned up after."""
         with self._lock:
             running = [r for r in self._records.values() if r.status is S.RUNNING]
         for record in running:
             runtime = self.runtimes[record.runtime]
             watch = record.watch
-            if watch is not None and watch.thread.is_alive():
+            if watch is not None and watch.thread.is_alive() and watch.policy.attempts > 0:
                 if runtime.status(record.deployment_id).status is S.FAILED:
-                    watch.nudge()
+                    watch.nudge()  # it restarts the model
                 continue
             state = runtime.status(record.deployment_id)
             if state.status is not S.FAILED:

@@ -281,11 +281,33 @@ def test_a_stop_during_provisioning_kills_vagrant_up_and_stops(  # type: ignore[
     assert statuses(bus, "dep-v4") == ["provisioning", "stopping", "stopped"]
 
 
+def test_a_model_that_dies_in_its_vm_is_restarted_in_place_in_a_new_vm(  # type: ignore[no-untyped-def]
+    vm_agent, vm_settings, store, driver, pki, bus, eventually
+) -> None:
+    store.add("tiny")
+    client = http(vm_agent(vm_settings.model_copy(update={"health_interval_s": 0.1, "restart_delay_s": 0})), pki)
+    first = create(client, "dep-v9", "tiny")
+    assert settled(client, "dep-v9", eventually)["status"] == "running"
+
+    output = vm_settings.state_dir / "dep-v9" / OUTPUT_NAME
+    with output.open("a") as out:
+        out.write("Traceback: out of memory\n" + EXIT_MARKER + " exit-code, exited 1\n")
+
+    again = eventually(lambda: (d := client.get("/deployments/dep-v9").json)["restarts"] == 1
+                       and d["health"] == "passing" and d, 30, "dep-v9 restarted")
+    assert (again["status"], again["port"], again["url"]) == ("running", first["port"], first["url"])
+    assert "the model stopped by itself (exit-code, exited 1)" in again["last_restart_reason"]
+    assert (driver.ups, driver.destroyed) == (["miaas-dep-v9", "miaas-dep-v9"], ["miaas-dep-v9"])
+    assert EXIT_MARKER in (vm_settings.state_dir / "dep-v9" / f"{OUTPUT_NAME}.1").read_text()  # the last VM's
+    assert statuses(bus, "dep-v9") == ["provisioning", "running"]
+
+
 def test_a_model_that_dies_in_its_vm_fails_and_the_vm_is_destroyed(  # type: ignore[no-untyped-def]
     vm_agent, vm_settings, store, driver, pki, eventually
 ) -> None:
     store.add("tiny")
-    client = http(vm_agent(vm_settings), pki)
+    # with AGENT_RESTART_ATTEMPTS=0: by default it is restarted in place (above)
+    client = http(vm_agent(vm_settings.model_copy(update={"restart_attempts": 0})), pki)
     create(client, "dep-v5", "tiny")
     assert settled(client, "dep-v5", eventually)["status"] == "running"
 

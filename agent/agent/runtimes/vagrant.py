@@ -309,6 +309,9 @@ class VagrantRuntime:
                 raise ProvisionFailed(f"deployment {spec.deployment_id} already has a VM folder here "
                                       f"({spec.workdir / VM_FOLDER}): refusing to launch it twice")
             spec.workdir.mkdir(parents=True, exist_ok=True)
+            output = spec.workdir / OUTPUT_NAME
+            if output.exists():  # a restart in place: the last VM's exit line must not end the new one
+                output.replace(spec.workdir / f"{OUTPUT_NAME}.1")
             vm = _Vm(spec)
             self._vms[spec.deployment_id] = vm
             return vm
