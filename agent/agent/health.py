@@ -151,7 +151,7 @@ class HealthWatch:
                 target.set_health("failing")
                 reason = state.reason or "the model stopped by itself"
                 log.warning("deployment %s: the model is no longer running: %s", target.deployment_id,
-                            reason.splitlines()[0])
+                            _headline(reason))
                 if not self._restart(reason):
                     return
                 continue
@@ -191,13 +191,13 @@ class HealthWatch:
                 if policy.attempts:
                     reason = (f"{reason} (gave up: {recent} restart(s) within {policy.window_s:g} s, "
                               f"AGENT_RESTART_ATTEMPTS={policy.attempts})")
-                log.error("deployment %s: giving up, failed: %s", target.deployment_id, reason.splitlines()[0])
+                log.error("deployment %s: giving up, failed: %s", target.deployment_id, _headline(reason))
                 target.give_up(reason)
                 return False
             delay = policy.delay(recent)
             log.warning("deployment %s: restarting in place in %g s (restart %d of at most %d within %g s): %s",
                         target.deployment_id, delay, recent + 1, policy.attempts, policy.window_s,
-                        reason.splitlines()[0])
+                        _headline(reason))
             target.kill()
             if self.cancelled.wait(delay):
                 return False
@@ -220,4 +220,10 @@ class HealthWatch:
                 log.info("deployment %s: restarted in place on port %d", target.deployment_id, target.port)
                 return True
             target.set_health("failing")
-            log.warning("deployment %s: %s", target.deployment_id, reason.splitlines()[0])
+            log.warning("deployment %s: %s", target.deployment_id, _headline(reason))
+
+
+def _headline(reason: str) -> str:
+    """The first line of a reason, without the announcement of the log lines that follow it."""
+    line = reason.splitlines()[0] if reason else reason
+    return line.removesuffix("; last log lines:").removesuffix(":")
