@@ -32,15 +32,20 @@ from miaas.testing import Pki
 # A model that can be made to fail its health check without exiting: GET /sick makes this copy answer 500 on
 # /health until it is restarted; a file `sick` in its folder makes every copy answer 500 after its first health
 # check (so that each copy starts, then fails its health checks); a file `crash` makes
-# every new copy exit at once. GET / names the copy (a token made at its start).
+# every new copy exit at once, a file `slow` makes every new copy wait 600 s before it listens. GET / names the
+# copy (a token made at its start).
 SICK_APP = '''
 import os
 import secrets
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 COPY = secrets.token_hex(8)
 SICK = []
 ANSWERED = []
+if os.path.exists("slow"):
+    print("sick model takes its time to start", flush=True)
+    time.sleep(600)
 if os.path.exists("crash"):
     print("sick model crashes at start", flush=True)
     raise SystemExit(3)
@@ -223,6 +228,28 @@ def test_a_stop_during_the_backoff_cancels_the_restart(client, bus, store, event
     assert copy_at(first["url"]) is None
     assert detail(client, "dep-h4")["status"] == "stopped"
     assert statuses(bus, "dep-h4") == ["provisioning", "running", "stopping", "stopped"]
+    assert parts(client.application).manager.ports.held() == {}
+
+
+@with_settings(restart_delay_s=0)
+def test_a_stop_during_a_restart_stops_the_new_copy_too(client, bus, store, eventually) -> None:  # type: ignore[no-untyped-def]
+    folder = add_sick(store, "slowpoke")
+    first = deploy(client, "dep-h10", "slowpoke", eventually)
+    (folder / "slow").write_text("new copies take 600 s to listen")
+    requests.get(f"{first['url']}/sick", timeout=5)
+    logs = "/deployments/dep-h10/logs?tail=1000"
+    eventually(lambda: detail(client, "dep-h10")["restarts"] == 1
+               and client.get(logs).text.count("sick model takes its time to start") == 1, 60, "a restart under way")
+
+    stopped = client.post("/stop-vm", json={"deployment_id": "dep-h10"}).json
+
+    assert (stopped["status"], stopped["restarts"]) == ("stopped", 1)
+    record = parts(client.application).manager._records["dep-h10"]
+    assert record.watch is not None and not record.watch.thread.is_alive()
+    runtime = parts(client.application).manager.runtimes["process"]
+    assert runtime.status("dep-h10").status is DeploymentStatus.STOPPED
+    assert copy_at(first["url"]) is None
+    assert statuses(bus, "dep-h10") == ["provisioning", "running", "stopping", "stopped"]
     assert parts(client.application).manager.ports.held() == {}
 
 
