@@ -52,6 +52,9 @@ class ServiceSettings(BaseSettings):
     service_registry_url: str | None = shared("MIAAS_SERVICE_REGISTRY_URL", None)  # type: ignore[assignment]
     heartbeat_interval_s: float = shared("MIAAS_HEARTBEAT_INTERVAL_S", 5.0, gt=0)  # type: ignore[assignment]
     log_level: str = shared("MIAAS_LOG_LEVEL", "INFO")  # type: ignore[assignment]
+    metrics_token: SecretStr | None = shared(  # type: ignore[assignment]
+        "MIAAS_METRICS_TOKEN", None, description="a bearer token that lets a scraper which cannot sign (Prometheus) "
+        "read /metrics; unset: only signed identities may")
 
     @field_validator("kafka_config")
     @classmethod
@@ -62,6 +65,11 @@ class ServiceSettings(BaseSettings):
         if value:  # miaas.bus reads the environment: a value from a .env file reaches it too
             os.environ.setdefault(KAFKA_CONFIG_ENV, value)
         return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_is_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None else check_secret(value, "MIAAS_METRICS_TOKEN")
 
     @field_validator("ca_file")
     @classmethod

@@ -30,10 +30,11 @@ class Trust:
     credential: identity.CredentialSource
     verifier: identity.Verifier
     revocations: RevocationList
+    metrics_token: str | None = None
     auth: ServiceAuth = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth = ServiceAuth(self.verifier)
+        self.auth = ServiceAuth(self.verifier, metrics_token=self.metrics_token)
 
     def client(self, base_url: str, *, timeout: float = 10.0, user: str | None = None) -> ServiceClient:
         """A client that calls `base_url` as this service."""
@@ -93,4 +94,5 @@ def trust_from_settings(
             fetch = revoked_through(Discovery(settings.service_registry_url, cred), cred)
         revocations = RevocationList(fetch, interval_s=settings.revocation_interval_s)
     verifier = identity.Verifier(identity.load_ca_public(settings.ca_file), revoked=revocations)
-    return Trust(cred, verifier, revocations)
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token is not None else None
+    return Trust(cred, verifier, revocations, metrics_token=token)

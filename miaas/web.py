@@ -12,6 +12,7 @@ named in `X-MIaaS-User` (accepted from the portal only) or the identity's subjec
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import re
 import threading
@@ -26,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from miaas import __version__, identity
 from miaas.errors import BadRequest, Forbidden, MiaasError, Unauthorized
+from miaas.metrics import CONTENT_TYPE_LATEST, UNMATCHED, ServiceMetrics
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -231,6 +233,8 @@ def install_errors(app: Flask) -> None:
 
 
 USER_HEADER = "X-MIaaS-User"
+BAD_METRICS_TOKEN = "bad_metrics_token"
+METRICS_ENDPOINT = "meta.metrics_text"
 MAX_USER_LENGTH = 200
 
 
@@ -285,10 +289,13 @@ class RevocationList:
 class ServiceAuth:
     """Authenticates the signed requests of one service: the CA's public key, revocations, and the nonces seen.
 
-    Refusals are counted per reason (`refused`)."""
+    Refusals are counted per reason (`refused`). `metrics_token` (MIAAS_METRICS_TOKEN), when set, is a bearer token
+    that lets a scraper which cannot sign (Prometheus) read `/metrics`, and nothing else."""
 
-    def __init__(self, verifier: identity.Verifier, *, max_skew_s: float = identity.MAX_SKEW_S) -> None:
+    def __init__(self, verifier: identity.Verifier, *, max_skew_s: float = identity.MAX_SKEW_S,
+                 metrics_token: str | None = None) -> None:
         self.verifier = verifier
+        self.metrics_token = metrics_token
         self.nonces = identity.NonceCache(window_s=2 * max_skew_s)
         self.max_skew_s = max_skew_s
         self.refused: dict[str, int] = {}
@@ -314,17 +321,52 @@ class ServiceAuth:
             raise Unauthorized(f"request refused ({exc.reason}): {exc}", code="unauthenticated",
                                details={"reason": exc.reason}) from exc
 
+    def scraper(self) -> bool:
+        """Whether the current request is a scraper's: it carries `Authorization: Bearer <MIAAS_METRICS_TOKEN>`.
+
+        False without a bearer header, or when no token is set (the request must then be signed); a wrong token is
+        refused (401, reason `bad_metrics_token`), compared in constant time."""
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if self.metrics_token is None or scheme.lower() != "bearer":
+            return False
+        if hmac.compare_digest(given.strip().encode(), self.metrics_token.encode()):
+            return True
+        with self._lock:
+            self.refused[BAD_METRICS_TOKEN] = self.refused.get(BAD_METRICS_TOKEN, 0) + 1
+        raise Unauthorized("request refused (bad_metrics_token): the bearer token is not this service's "
+                           "MIAAS_METRICS_TOKEN", code="unauthenticated", details={"reason": BAD_METRICS_TOKEN})
+
 
 def create_service_app(
     name: str, auth: ServiceAuth, apis: Iterable[Api], *, import_name: str = __name__
 ) -> Flask:
-    """A Flask app with public /health and /openapi.json, every other route signed by an allowed role, JSON errors."""
+    """A Flask app with public /health and /openapi.json, /metrics, every other route signed by an allowed role,
+    JSON errors.
+
+    `/metrics` (Prometheus' text format) answers any signed identity, or a scraper with the bearer token
+    `auth.metrics_token` when one is set; `app.extensions["miaas_metrics"]` is the app's `ServiceMetrics`, to
+    which a service adds its own metrics."""
     apis = list(apis)
     app = Flask(import_name, static_folder=None)  # no /static route: every route of a service names its roles
     app.config["SERVICE_NAME"] = name
     app.extensions["miaas_auth"] = auth
+    metrics = ServiceMetrics(name)
+    app.extensions["miaas_metrics"] = metrics
     install_errors(app)
     meta = Api("meta")
+
+    # Measured first and answered last, so a refused request (401, 403) is counted as well.
+    @app.before_request
+    def _start_clock() -> None:
+        g.miaas_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        started = g.get("miaas_started")
+        if started is not None:
+            route = request.url_rule.rule if request.url_rule is not None else UNMATCHED
+            metrics.observe_request(route, request.method, response.status_code, time.perf_counter() - started)
+        return response
 
     @meta.route("/health", public=True, response=None)
     def health() -> Response:
@@ -336,6 +378,11 @@ def create_service_app(
         """The OpenAPI document of this service."""
         return jsonify(openapi_document(f"MIaaS {name}", [meta, *apis]))
 
+    @meta.route("/metrics", allow=identity.ROLES)
+    def metrics_text() -> Response:
+        """This service's metrics in Prometheus' text format (any identity, or the scrapers' bearer token)."""
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
     access: dict[str, Access] = {}
     for api in [meta, *apis]:
         access.update(api.access)
@@ -345,6 +392,8 @@ def create_service_app(
         rule = access.get(request.endpoint or "")
         if rule is None or rule.public:
             return  # an unknown route answers 404 by itself
+        if request.endpoint == METRICS_ENDPOINT and auth.scraper():
+            return
         cert = auth.authenticate(rule.streamed)
         if cert.role not in rule.allow:
             raise Forbidden(f"{cert.role} {cert.subject} may not call {request.method} {request.path} "

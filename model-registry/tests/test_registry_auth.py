@@ -59,6 +59,7 @@ TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/registry/models/<model_id>/versions/<int:version>/edit"): WRITE,
     ("PUT", "/registry/models/<model_id>/aliases/<alias>"): WRITE,
     ("DELETE", "/registry/models/<model_id>/aliases/<alias>"): WRITE,
+    ("GET", "/metrics"): ROLES,  # any identity; a scraper with MIAAS_METRICS_TOKEN too (tests/test_shared_metrics.py)
 }
 PUBLIC = {("GET", "/health"), ("GET", "/openapi.json")}
 STREAMED = {("POST", "/registry/upload-and-validate")}
