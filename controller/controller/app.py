@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from flask import Flask, Response, jsonify
 
 from controller import identities
+from controller import metrics as controller_metrics
 from controller.api import build_api
 from controller.leader import NotLeader
 from controller.service import Controller
@@ -51,6 +52,7 @@ def create_app(
         locate = _discovery_locate(settings, trust.credential)
     controller = Controller(settings, store, locate, clock, bus, trust=trust)
     app = create_service_app("controller", trust.auth, [build_api(controller), identities.build_api(authority)])
+    controller_metrics.install(app.extensions["miaas_metrics"], controller)
     _say_leadership(app, controller)
     app.extensions["controller"] = controller
     app.extensions["identities"] = authority

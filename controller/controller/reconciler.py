@@ -237,7 +237,8 @@ class Reconciler:
             victims: list[Deployment] = []
             for r in queue:
                 request = c.placement_request(r)
-                decision = index.place(request, now)
+                with c.placement_seconds.time():
+                    decision = index.place(request, now)
                 if isinstance(decision, Placement):
                     d = c.schedule(r, decision, now)
                     if d is not None:

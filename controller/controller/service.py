@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import requests
+from prometheus_client import Histogram
 
 from controller.commands import Refused, Uncertain, send_command
 from controller.leader import Deposed, Leader, LeaseStore, NotLeader, Role
@@ -56,6 +57,7 @@ from miaas.trust import Trust
 
 log = logging.getLogger(__name__)
 S = DeploymentStatus
+PLACEMENT_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 FETCHED_VERSIONS_KEPT = 1024  # fetch-model answers of versions by number, kept for when the registry is down
 
 
@@ -105,6 +107,9 @@ class Controller:
         store.guard_writes(self.leader.guard)  # a deposed leader's late write fails as a stale plan
         self.leader.listeners.append(self._on_role)
         self._fetched = FetchedVersions(FETCHED_VERSIONS_KEPT)
+        # One placement decision (`index.place`); its app's /metrics shows it (controller/metrics.py).
+        self.placement_seconds = Histogram("miaas_placement_duration_seconds", "Time of one placement decision",
+                                           registry=None, buckets=PLACEMENT_BUCKETS)
 
     # ------------------------------------------------------------------ lifecycle
 
