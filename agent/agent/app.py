@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from flask import Flask
 
+from agent import scrape
 from agent.api import build_api
 from agent.cache import ModelCache
 from agent.cache_api import build_cache_api
@@ -157,6 +158,7 @@ def create_app(
     app = create_service_app("agent", trust.auth, apis, import_name=__name__)
     app.extensions["agent"] = agent
     app.extensions["miaas_trust"] = trust
+    scrape.install(app.extensions["miaas_metrics"], settings.agent_id, lambda: agent.publisher)
     return app
 
 

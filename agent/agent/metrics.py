@@ -165,6 +165,7 @@ class MetricsPublisher:
         self.url = url
         self.deployments = deployments
         self.published = 0
+        self.last: AgentMetrics | None = None  # the latest message published: the agent's /metrics reads it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -172,6 +173,7 @@ class MetricsPublisher:
         message = self.collector.collect(self.url, self.deployments())
         self.bus.publish(SYSTEM_METRICS, self.collector.agent_id, message)
         self.published += 1
+        self.last = message
         return message
 
     def start(self) -> MetricsPublisher:
