@@ -13,6 +13,7 @@ from miaas.discovery import Discovery
 from miaas.errors import Unavailable
 from miaas.trust import Trust, trust_from_settings
 from miaas.web import create_service_app
+from model_registry import scrape
 from model_registry.api import build_api
 from model_registry.ownership import secure_store
 from model_registry.registry import ModelRegistry
@@ -59,6 +60,7 @@ def create_app(
     registry = ModelRegistry(store, storage, limits, clock=clock, bus=bus, usage=usage)
     app = create_service_app("model-registry", trust.auth, [build_api(registry, settings)], import_name=__name__)
     install_spool(app, Spool(storage, settings.max_upload_bytes))
+    scrape.install(app, storage.quarantined_count)
     app.extensions[REGISTRY] = registry
     app.extensions["miaas_trust"] = trust
     _report_store_on_health(app, lambda: {
