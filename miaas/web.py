@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from miaas import __version__, identity
 from miaas.errors import BadRequest, Forbidden, MiaasError, Unauthorized
-from miaas.metrics import CONTENT_TYPE_LATEST, UNMATCHED, ServiceMetrics
+from miaas.metrics import CONTENT_TYPE_LATEST, UNMATCHED, ServiceMetrics, counter
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -408,6 +408,13 @@ def create_service_app(
         g.identity = cert
         g.caller = user if user is not None else cert.subject
 
+    def refusals() -> list[Any]:
+        with auth._lock:
+            counts: dict[tuple[str, ...], float] = {(name, reason): n for reason, n in auth.refused.items()}
+        return [counter("miaas_http_refused", "Requests refused as not genuinely signed (or a wrong metrics token), "
+                        "by reason", ["service", "reason"], counts)]
+
+    metrics.collect_with("refusals", refusals)
     for api in [meta, *apis]:
         app.register_blueprint(api.blueprint)
     return app

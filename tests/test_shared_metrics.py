@@ -113,10 +113,12 @@ def test_metrics_are_refused_to_an_unsigned_request_and_to_another_ca(pki: Pki, 
     assert (bearer.status_code, bearer.json()["error"]["details"]["reason"]) == (401, identity.UNSIGNED)
     assert (foreign.status_code, foreign.json()["error"]["details"]["reason"]) == (401, "bad_certificate")
     assert "miaas_http_requests_total" not in anonymous.text
-    # and the refusals are counted too
+    # and the refusals are counted too, by status and by reason
     samples = scrape(server, auth=signed(pki))
     assert value(samples, "miaas_http_requests_total", service="service-registry", route="/metrics", method="GET",
                  status="401") == 3
+    assert value(samples, "miaas_http_refused_total", service="service-registry", reason=identity.UNSIGNED) == 2
+    assert value(samples, "miaas_http_refused_total", service="service-registry", reason="bad_certificate") == 1
 
 
 @pytest.mark.parametrize("role", identity.ROLES)
@@ -141,6 +143,8 @@ def test_a_scraper_with_the_token_may_read_the_metrics_and_nothing_else(pki: Pki
     wrong = requests.get(f"{server.url}/metrics", timeout=10, headers={"Authorization": f"Bearer {token[:-1]}x"})
     assert (wrong.status_code, wrong.json()["error"]["details"]["reason"]) == (401, "bad_metrics_token")
     assert "MIAAS_METRICS_TOKEN" in wrong.json()["error"]["message"]
+    assert value(scrape(server, auth=signed(pki)), "miaas_http_refused_total", service="service-registry",
+                 reason="bad_metrics_token") == 1
     other = requests.get(f"{server.url}/services", timeout=10, headers={"Authorization": f"Bearer {token}"})
     assert (other.status_code, other.json()["error"]["details"]["reason"]) == (401, identity.UNSIGNED)
 
