@@ -6,7 +6,7 @@ a scrape never disturbs the CPU sample of the next message).
 - `miaas_agent_capacity_cpus`, `miaas_agent_capacity_memory_mb`{agent}
 - `miaas_agent_gpu_utilization_percent`, `miaas_agent_gpu_memory_used_mb`, `miaas_agent_gpu_memory_total_mb`
   {agent,gpu}
-- `miaas_deployments`{agent,state}: the deployments it holds, every state listed (0 included)
+- `miaas_agent_deployments`{agent,state}: the deployments it holds, every state listed (0 included)
 - `miaas_agent_deployment_restarts`{agent}: restarts in place of the deployments it holds, summed
 - `miaas_agent_metrics_published_total`{agent}: metrics messages sent on the bus
 
@@ -55,6 +55,6 @@ def agent_families(agent_id: str, publisher: MetricsPublisher | None) -> Iterabl
     states: dict[tuple[str, ...], float] = {(agent_id, s.value): 0 for s in DeploymentStatus}
     for d in last.deployments:
         states[agent_id, d.status.value] += 1
-    yield gauge("miaas_deployments", "Deployments the agent holds, by state", ["agent", "state"], states)
+    yield gauge("miaas_agent_deployments", "Deployments the agent holds, by state", ["agent", "state"], states)
     yield gauge("miaas_agent_deployment_restarts", "Restarts in place of the deployments the agent holds, summed",
                 ["agent"], {a: sum(d.restarts for d in last.deployments)})

@@ -60,7 +60,7 @@ def test_the_agents_load_gpus_and_deployments_are_its_latest_published_message(
 
     def failed_counted() -> Samples | None:
         samples = scrape(app, pki)
-        return samples if value(samples, "miaas_deployments", agent=agent_id, state="failed") == 1 else None
+        return samples if value(samples, "miaas_agent_deployments", agent=agent_id, state="failed") == 1 else None
 
     samples = eventually(failed_counted, 60, "the failed deployment in /metrics")
     # then the numbers are those of the latest message on the bus
@@ -73,4 +73,4 @@ def test_the_agents_load_gpus_and_deployments_are_its_latest_published_message(
     assert value(samples, "miaas_agent_gpu_memory_used_mb", agent=agent_id, gpu="1") == 2048
     assert value(samples, "miaas_agent_gpu_memory_total_mb", agent=agent_id, gpu="1") == 80 * 1024
     # and every state is listed, 0 included
-    assert value(samples, "miaas_deployments", agent=agent_id, state="running") == 0
+    assert value(samples, "miaas_agent_deployments", agent=agent_id, state="running") == 0
