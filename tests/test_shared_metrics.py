@@ -4,8 +4,11 @@ scraper with the bearer token MIAAS_METRICS_TOKEN when one is set, may read it."
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,3 +193,24 @@ def test_a_gauge_refuses_samples_that_do_not_match_its_labels() -> None:
         gauge("miaas_x", "x", ["a", "b"], {("only-one",): 1})
     with pytest.raises(ValueError, match="a bare value has no labels"):
         gauge("miaas_x", "x", ["a"], 3)
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_services_expose() -> None:
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    sources = "".join(p.read_text() for folder in ("miaas", "controller/controller", "agent/agent",
+                                                   "model-registry/model_registry")
+                      for p in (root / folder).rglob("*.py"))
+    declared = set(re.findall(r'"(miaas_[a-z_]+)"', sources))
+
+    def exposed(name: str) -> bool:
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        return name in declared or base in declared
+
+    used = {n for e in exprs for n in re.findall(r"\bmiaas_[a-z_]+", e)}
+    assert used and not {n for n in used if not exposed(n)}, sorted(n for n in used if not exposed(n))
+    assert {"miaas_http_requests_total", "miaas_http_request_duration_seconds_bucket", "miaas_deployments",
+            "miaas_bus_messages_refused_total", "miaas_placement_duration_seconds_bucket",
+            "miaas_agent_cpu_percent"} <= used
