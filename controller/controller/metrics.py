@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 from controller.reconciler import NOT_FINAL
 from controller.service import Controller
 from miaas.metrics import ServiceMetrics, counter, gauge
+from miaas.schemas import BusStats
 
 AGENT_STATES = ("alive", "suspect", "lost")
 
@@ -27,7 +28,7 @@ def install(metrics: ServiceMetrics, controller: Controller) -> None:
     metrics.register(controller.placement_seconds)
     metrics.collect_with("deployments", lambda: [deployments_by_state(controller)])
     metrics.collect_with("agents", lambda: [agents_by_state(controller)])
-    metrics.collect_with("bus", lambda: bus_families(controller))
+    metrics.collect_with("bus", lambda: bus_families(controller.bus_stats()))
 
 
 def deployments_by_state(controller: Controller) -> Metric:
@@ -44,8 +45,7 @@ def agents_by_state(controller: Controller) -> Metric:
     return gauge("miaas_agents", "Agents heard since this controller started, by liveness state", ["state"], counts)
 
 
-def bus_families(controller: Controller) -> Iterable[Metric]:
-    stats = controller.bus_stats()
+def bus_families(stats: BusStats) -> Iterable[Metric]:
     consumed: dict[tuple[str, ...], float] = {}
     refused: dict[tuple[str, ...], float] = {}
     for c in stats.consumers:
