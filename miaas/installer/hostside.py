@@ -12,7 +12,6 @@ import base64
 import contextlib
 import glob
 import grp
-import hashlib
 import json
 import os
 import platform
@@ -485,17 +484,6 @@ def _ask_supervisor(request: dict[str, Any], timeout: float = 300) -> dict[str, 
     return answer
 
 
-def ctl(job: dict[str, Any]) -> dict[str, Any]:
-    """A supervisor command (status, stop NAME, ...), its JSON answer when it gives one."""
-    python = job.get("python") or "python3"
-    done = _run([python, SUPERVISOR, "ctl", "--state", SUPERVISOR_STATE, *job["args"]], timeout=120, check=False)
-    try:
-        answer: Any = json.loads(done.stdout)
-    except ValueError:
-        answer = done.stdout
-    return {"rc": done.returncode, "answer": answer, "stderr": done.stderr[-2000:]}
-
-
 def wait_health(job: dict[str, Any]) -> dict[str, Any]:
     """GET each URL's /health from this host until 200, or say which did not answer and why."""
     deadline = time.monotonic() + float(job.get("timeout_s", 90))
@@ -612,7 +600,7 @@ def batch(job: dict[str, Any]) -> dict[str, Any]:
 ACTIONS = {"batch": batch, "nfs": nfs, "facts": facts, "apply": apply,
            "ensure_user": ensure_user, "install_packages": install_packages,
            "install_release": install_release, "postgres_init": postgres_init,
-           "postgres_databases": postgres_databases, "supervise": supervise, "ctl": ctl,
+           "postgres_databases": postgres_databases, "supervise": supervise,
            "wait_health": wait_health, "uninstall": uninstall}
 
 
@@ -629,6 +617,3 @@ def _main(job_text: str) -> None:
         sys.exit(1)
     print("MIAAS-RESULT " + json.dumps(result), flush=True)
 
-
-def digest_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from miaas.installer.config import PREFIXES, ClusterConfig, Host
 
@@ -251,6 +250,3 @@ def _postgres_conf(config: ClusterConfig, host: Host) -> tuple[bytes, bytes]:
 def pg_bin_placeholder(unit: Unit, pg_bin: str) -> None:
     unit.command = [a.replace("{pg_bin}", pg_bin) for a in unit.command]
 
-
-def read_file(path: Path) -> bytes:
-    return path.read_bytes()

@@ -59,6 +59,8 @@ class Installer:
     ssh: Ssh = field(init=False)
     wheels: Path = field(init=False)
     digest: str = field(init=False)
+    pki: Pki = field(init=False)  # the cluster's identities and secrets, loaded once per run by identities()
+    secrets: dict[str, str] = field(init=False)
     changed: dict[str, list[str]] = field(default_factory=dict)
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -218,7 +220,8 @@ class Installer:
 
     def identities(self, release_python: str) -> Inputs:
         pki = Pki.ensure(self.state_dir / "pki")
-        secrets = load_secrets(self.state_dir / "secrets.env", self.config)
+        self.pki = pki
+        secrets = self.secrets = load_secrets(self.state_dir / "secrets.env", self.config)
         tokens = self.join_tokens(pki)
         from miaas import supervise  # the supervisor ships as one file, run by the host's python3
 
@@ -308,14 +311,14 @@ class Installer:
         self.each(self.targets, prune)
 
     def _databases(self) -> list[dict[str, str]]:
-        secrets = load_secrets(self.state_dir / "secrets.env", self.config)
+        secrets = self.secrets
         return [{"user": render.DB_USERS[r], "database": render.DATABASES[r],
                  "password": secrets[f"PG_{render.DB_USERS[r].upper()}_PASSWORD"]} for r in render.DATABASES]
 
     # ------------------------------------------------------------------ agents and the end
 
     def admin(self) -> requests.Session:
-        return SignedSession(Pki.ensure(self.state_dir / "pki").admin())
+        return SignedSession(self.pki.admin())
 
     def wait_for_agents(self, timeout: float = 120) -> None:
         """Until every agent host's agent is alive on a controller (asked as the operator, signed)."""
